@@ -1,0 +1,328 @@
+"""The `tgfr-search` command line: parse, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tgfr_search.errors import TGFRError
+
+DEFAULT_DB = "./tgfr-db"
+
+
+def _stderr(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _emit(doc: Any) -> None:
+    click.echo(json.dumps(doc, ensure_ascii=False, indent=None))
+
+
+def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Library errors become one clear line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (TGFRError, FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else repr(e)) from e
+
+    return wrapper
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar with ETA on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _parse_pairs(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint=option)
+        out[key] = value
+    return out
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    envvar="TGFR_DB",
+    default=DEFAULT_DB,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Engine directory (env TGFR_DB).",
+)
+@click.option(
+    "--models",
+    default="vectron",
+    show_default=True,
+    help="Face model pack: vectron (installed with tgfr-search) or an insightface pack "
+    "such as buffalo_l.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder holding the pack's ONNX files (e.g. ~/.insightface/models/buffalo_l).",
+)
+@click.version_option(package_name="tgfr-search")
+@click.pass_context
+def cli(ctx: click.Context, db: Path, models: str, model_dir: Path | None) -> None:
+    """Text-guided face search: enroll faces with captions, search by face and description."""
+    ctx.obj = {"db": db, "models": models, "model_dir": model_dir}
+
+
+def _engine(ctx: click.Context, **kw: Any) -> Any:
+    from tgfr_search.engine import SearchEngine
+
+    o = ctx.obj
+    return SearchEngine(o["db"], models=o["models"], model_dir=o["model_dir"], **kw)
+
+
+@cli.command()
+@click.argument("gallery", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--captions",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV or JSONL with image (relative to GALLERY) and caption columns.",
+)
+@click.option("--aligned", is_flag=True, help="Images are aligned 112x112 crops: skip detection.")
+@click.option("--all-faces", is_flag=True, help="Enroll every face of an image, not just the most prominent.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Metadata for every face (repeatable).")
+@click.option("--batch-size", default=32, show_default=True, help="Images per batch.")
+@json_option
+@click.pass_context
+@_library_errors
+def enroll(
+    ctx: click.Context,
+    gallery: Path,
+    captions: Path | None,
+    aligned: bool,
+    all_faces: bool,
+    meta: tuple[str, ...],
+    batch_size: int,
+    as_json: bool,
+) -> None:
+    """Enroll GALLERY/<identity>/<image> files (captions from <image>.txt sidecars or --captions)."""
+    from tgfr_search.engine import scan_gallery
+
+    metadata = _parse_pairs(meta, "--meta")
+    items, problems = scan_gallery(gallery, captions=captions, metadata=metadata)
+    with _engine(ctx) as engine:
+        t0 = time.perf_counter()
+        engine.models  # load (and check) the models before the clock starts
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with _progress(len(items), "enrolling") as advance:
+            report = engine.enroll_many(
+                items, aligned=aligned, all_faces=all_faces, batch_size=batch_size, progress=advance
+            )
+        seconds = time.perf_counter() - t0
+        report.skipped[:0] = problems
+        for w in engine.warnings:
+            _stderr(f"warning: {w}")
+    for s in report.skipped:
+        _stderr(f"skipped {s.source}: {s.reason}")
+    for src, n in report.multi_face:
+        _stderr(f"{src}: {n} faces found, enrolled {'all' if all_faces else 'the most prominent'}")
+    rate = report.images / seconds if seconds > 0 else 0.0
+    if as_json:
+        doc = report.to_dict()
+        doc.update(seconds=round(seconds, 3), model_load_seconds=round(load_s, 3),
+                   images_per_second=round(rate, 2))
+        _emit(doc)
+    else:
+        click.echo(
+            f"enrolled {report.enrolled} faces from {report.images} images "
+            f"({len(report.duplicates)} already enrolled, {len(report.skipped)} skipped) "
+            f"in {seconds:.1f}s ({rate:.1f} images/s)"
+        )
+
+
+@cli.command()
+@click.argument("probe", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--caption", help="A description of the person.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "image", "fused", "refine", "text"]),
+    default="auto",
+    show_default=True,
+    help="What to search with.",
+)
+@click.option("-k", "--top", "k", default=10, show_default=True, help="Results to return.")
+@click.option("--aligned", is_flag=True, help="PROBE is an aligned 112x112 crop.")
+@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only faces with this metadata (repeatable; key 'identity' too).")
+@json_option
+@click.pass_context
+@_library_errors
+def query(
+    ctx: click.Context,
+    probe: Path | None,
+    caption: str | None,
+    mode: str,
+    k: int,
+    aligned: bool,
+    where: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Find the enrolled identities that best match PROBE (and its caption)."""
+    filters = _parse_pairs(where, "--where") or None
+    with _engine(ctx) as engine:
+        matches = engine.query(probe, caption=caption, mode=mode, k=k, aligned=aligned, filters=filters)
+    if as_json:
+        _emit(matches.to_dict())
+        return
+    if matches.faces_found > 1:
+        _stderr(f"{matches.faces_found} faces found in the probe; searched with the most prominent")
+    if not matches:
+        click.echo("no enrolled faces")
+    for m in matches:
+        click.echo(f"{m.rank:>3}  {m.score:7.4f}  {m.identity}  (face {m.face_id}, {m.source})")
+
+
+@cli.command()
+@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--aligned", is_flag=True, help="A and B are aligned 112x112 crops.")
+@json_option
+@click.pass_context
+@_library_errors
+def verify(ctx: click.Context, a: Path, b: Path, aligned: bool, as_json: bool) -> None:
+    """Compare the faces in two images (1:1): cosine similarity of their embeddings."""
+    with _engine(ctx) as engine:
+        v = engine.verify(a, b, aligned=aligned)
+    if as_json:
+        _emit({"score": v.score, "faces_found": list(v.faces_found)})
+    else:
+        click.echo(f"score {v.score:.4f}")
+
+
+@cli.command("list")
+@json_option
+@click.pass_context
+@_library_errors
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """List enrolled identities and their face counts."""
+    with _engine(ctx) as engine:
+        rows = engine.identities()
+    if as_json:
+        _emit({"identities": [{"identity": n, "faces": c} for n, c in rows]})
+    else:
+        for name, count in rows:
+            click.echo(f"{count:>5}  {name}")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+@_library_errors
+def info(ctx: click.Context, as_json: bool) -> None:
+    """Show what the engine holds."""
+    with _engine(ctx) as engine:
+        doc = engine.info()
+    if as_json:
+        _emit(doc)
+    else:
+        for key, value in doc.items():
+            click.echo(f"{key}: {value}")
+
+
+@cli.command()
+@click.argument("identity")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@click.pass_context
+@_library_errors
+def delete(ctx: click.Context, identity: str, yes: bool, as_json: bool) -> None:
+    """Forget IDENTITY: its faces, crops, captions and vectors."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Delete {identity!r} and all its faces?", abort=True)
+    with _engine(ctx) as engine:
+        n = engine.delete(identity)
+    if as_json:
+        _emit({"identity": identity, "faces_deleted": n})
+    else:
+        click.echo(f"deleted {identity} ({n} faces)")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+@_library_errors
+def reindex(ctx: click.Context, as_json: bool) -> None:
+    """Re-embed every stored face with the loaded models and rebuild the index."""
+    with _engine(ctx, check_models=False) as engine:
+        total = engine.info()["faces"]
+        with _progress(total, "re-embedding") as advance:
+            n = engine.reindex(progress=advance)
+    if as_json:
+        _emit({"faces": n})
+    else:
+        click.echo(f"re-embedded {n} faces")
+
+
+@cli.command()
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
+              help="Build the demo engine here and keep it (default: a temporary folder).")
+@json_option
+@click.pass_context
+@_library_errors
+def demo(ctx: click.Context, keep: Path | None, as_json: bool) -> None:
+    """Enroll the sample faces shipped with the models, then search with degraded copies."""
+    import tempfile
+
+    from tgfr_search.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_demo(keep or Path(tmp) / "demo-db", models=ctx.obj["models"],
+                          model_dir=ctx.obj["model_dir"])
+    if as_json:
+        _emit(result)
+        return
+    click.echo(f"enrolled {result['enrolled']} faces from {len(result['photos'])} sample photos: "
+               + ", ".join(result["photos"]))
+    click.echo("queried each face with a low-quality copy (1/4 size, blurred, JPEG q40):")
+    for q in result["queries"]:
+        ok = "ok " if q["correct"] else "MISS"
+        top = ", ".join(f"{m['identity']} {m['score']:.3f}" for m in q["results"])
+        click.echo(f"  {ok} {q['probe']:<14} -> {top}")
+    click.echo(f"rank-1: {result['rank1_correct']}/{len(result['queries'])}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cli(prog_name="tgfr-search")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,641 @@
+"""The search engine: enroll faces, query and verify, over a store and per-space vector indexes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
+
+from tgfr_search.errors import (
+    ImageError,
+    LockTimeout,
+    ModelMismatch,
+    NoFaceFound,
+    TGFRError,
+)
+from tgfr_search.images import content_hash, load_image
+from tgfr_search.index import FaissFlatIndex
+from tgfr_search.store import FaceInfo, NewFace, Store, sqlite_url
+from tgfr_search.store.store import DELETE_GENERATION
+
+DEFAULT_DB = "./tgfr-db"
+MODES = ("auto", "image", "fused", "refine", "text")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+FACE = "face"
+
+ImageLike = Any  # a path, bytes, a PIL image or an RGB numpy array
+
+
+class ModeUnavailable(TGFRError, ValueError):
+    """A search mode that the loaded models or the gallery cannot serve."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """One search result: an identity, the face that matched best, and the scores."""
+
+    rank: int
+    identity: str
+    face_id: int
+    score: float
+    source: str | None
+    caption: str | None
+    scores: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Matches(list[Match]):
+    """The ranked results of one query, with what the engine did to get them."""
+
+    def __init__(self, items: Iterable[Match] = (), *, mode: str, faces_found: int) -> None:
+        super().__init__(items)
+        self.mode = mode
+        self.faces_found = faces_found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "faces_found": self.faces_found,
+            "results": [
+                {
+                    "rank": m.rank,
+                    "identity": m.identity,
+                    "face_id": m.face_id,
+                    "score": m.score,
+                    "source": m.source,
+                    "caption": m.caption,
+                    "scores": m.scores,
+                    "metadata": m.metadata,
+                }
+                for m in self
+            ],
+        }
+
+
+@dataclass
+class EnrollItem:
+    """One image to enroll and what is known about it."""
+
+    image: ImageLike
+    identity: str
+    caption: str | None = None
+    metadata: dict[str, Any] | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclass
+class EnrollReport:
+    """What an enrollment did: faces added, duplicates passed over, files skipped and why."""
+
+    face_ids: list[int] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    multi_face: list[tuple[str, int]] = field(default_factory=list)
+    images: int = 0
+
+    @property
+    def enrolled(self) -> int:
+        return len(self.face_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "enrolled": self.enrolled,
+            "duplicates": len(self.duplicates),
+            "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
+            "multiple_faces": [{"source": s, "faces": n} for s, n in self.multi_face],
+        }
+
+
+@dataclass(frozen=True)
+class Verification:
+    score: float
+    faces_found: tuple[int, int]
+
+
+@dataclass
+class _Decoded:
+    item: EnrollItem
+    source: str
+    image: np.ndarray | None = None
+    digest: str = ""
+    error: str | None = None
+
+
+def _source_of(item: EnrollItem) -> str:
+    if item.source is not None:
+        return item.source
+    if isinstance(item.image, (str, os.PathLike)):
+        return str(item.image)
+    return "<memory>"
+
+
+def _decode(item: EnrollItem) -> _Decoded:
+    """Read, hash and decode one image; errors become a reason instead of an exception."""
+    src = _source_of(item)
+    try:
+        data = item.image
+        if isinstance(data, (str, os.PathLike)):
+            data = Path(data).read_bytes()
+        if isinstance(data, bytes):
+            digest = content_hash(data)
+        else:
+            image = load_image(data)
+            return _Decoded(item, src, image, content_hash(image.tobytes()))
+        return _Decoded(item, src, load_image(data), digest)
+    except ImageError as e:
+        return _Decoded(item, src, error=str(e))
+    except OSError as e:
+        return _Decoded(item, src, error=f"cannot read {src}: {e.strerror or e}")
+
+
+def _chunks(items: Iterable[EnrollItem], size: int) -> Iterator[list[EnrollItem]]:
+    chunk: list[EnrollItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_aligned(image: np.ndarray, src: str) -> np.ndarray:
+    if image.shape[:2] != (112, 112):
+        raise ImageError(f"{src}: an aligned face must be 112x112, got {image.shape[1]}x{image.shape[0]}")
+    return image
+
+
+def _png(crop: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", crop)
+    assert ok
+    return buf.tobytes()
+
+
+class _SpaceIndex:
+    """One vector space's index: a cache of the store's vectors, caught up or rebuilt on demand."""
+
+    def __init__(self, store: Store, directory: Path, space: str, dim: int) -> None:
+        self.store, self.space, self.dim = store, space, dim
+        self.path = directory / f"index-{space}.faiss"
+        self.meta_path = directory / f"index-{space}.json"
+        self.index: FaissFlatIndex | None = None
+        self.generation = -1
+        self.rebuilt_because: str | None = None
+
+    def _load(self) -> None:
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            index = FaissFlatIndex.load(self.path)
+            if index.dim != self.dim or len(index) != meta["count"]:
+                raise ValueError("size mismatch")
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            self.rebuilt_because = f"index file {self.path.name} unreadable ({e}); rebuilt from the database"
+            return
+        self.index, self.generation = index, int(meta["generation"])
+
+    def sync(self) -> FaissFlatIndex:
+        """Bring the index up to the store's generation: add new faces, or rebuild after deletes."""
+        if self.index is None and self.generation < 0:
+            self._load()
+        gen = self.store.generation()
+        if self.index is not None and gen == self.generation:
+            return self.index
+        deleted_at = int(self.store.get(DELETE_GENERATION, 0))
+        if self.index is None or self.generation < deleted_at or self.generation > gen:
+            self.index = FaissFlatIndex(self.dim)
+            ids, vecs = self.store.vectors(self.space, dim=self.dim, up_to=gen)
+        else:
+            ids, vecs = self.store.vectors(
+                self.space, dim=self.dim, after=self.generation, up_to=gen
+            )
+        self.index.add(ids, vecs)
+        self.generation = gen
+        return self.index
+
+    def save(self) -> None:
+        index = self.sync()
+        index.save(self.path)
+        tmp = self.meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"generation": self.generation, "count": len(index)}))
+        os.replace(tmp, self.meta_path)
+
+
+class SearchEngine:
+    """An embedded face search engine stored in one directory.
+
+    Example:
+        with SearchEngine("./faces") as engine:
+            engine.enroll("alice_1.jpg", identity="alice", caption="young woman with red hair")
+            for m in engine.query("cam7_frame.jpg", k=5):
+                print(m.rank, m.identity, m.score)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_DB,
+        *,
+        models: str = "vectron",
+        model_dir: str | os.PathLike[str] | None = None,
+        lock_timeout: float = 60.0,
+        check_models: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = FileLock(str(self.path / "write.lock"), timeout=lock_timeout)
+        with self._write_lock():  # two processes must not both create the schema
+            self.store = Store(sqlite_url(self.path / "metadata.db"))
+        self._models_spec = (models, model_dir)
+        self._models: Any = None
+        self._check_models = check_models
+        self._face: _SpaceIndex | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> SearchEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """One writer at a time across threads and processes; readers never wait."""
+        try:
+            self._lock.acquire()
+        except FileLockTimeout as e:
+            raise LockTimeout(
+                f"another process is writing to {self.path} (waited {self._lock.timeout:.0f}s); "
+                "try again when it finishes"
+            ) from e
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @property
+    def models(self) -> Any:
+        """The detector, face encoder and text encoder, loaded on first use."""
+        if self._models is None:
+            from tgfr_search.models import load_models
+
+            name, model_dir = self._models_spec
+            models = load_models(name, model_dir=model_dir)
+            stored = self.store.get(f"fingerprint:{FACE}")
+            if stored is None:
+                self.store.set(f"fingerprint:{FACE}", models.face.fingerprint)
+                self.store.set(f"dim:{FACE}", models.face.dim)
+            elif stored != models.face.fingerprint and self._check_models:
+                raise ModelMismatch(
+                    f"the faces in {self.path} were embedded by {stored}, but the loaded face "
+                    f"model is {models.face.fingerprint}; run `tgfr-search --db {self.path} "
+                    "reindex` to re-embed them with the loaded models"
+                )
+            self._models = models
+        return self._models
+
+    def _index(self) -> _SpaceIndex:
+        if self._face is None:
+            dim = self.store.get(f"dim:{FACE}") or self.models.face.dim
+            self._face = _SpaceIndex(self.store, self.path, FACE, int(dim))
+        return self._face
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things the engine repaired on its own (e.g. a corrupt index file rebuilt)."""
+        w = self._face.rebuilt_because if self._face else None
+        return [w] if w else []
+
+    # -- enrollment -------------------------------------------------------------------------
+    def enroll(
+        self,
+        image: ImageLike,
+        *,
+        identity: str,
+        caption: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        aligned: bool = False,
+        all_faces: bool = False,
+    ) -> list[int]:
+        """Enroll one image; returns the new face ids ([] when it was already enrolled)."""
+        report = self.enroll_many(
+            [EnrollItem(image, identity, caption, dict(metadata or {}))],
+            aligned=aligned,
+            all_faces=all_faces,
+        )
+        if report.skipped:
+            reason = report.skipped[0].reason
+            raise (NoFaceFound if reason.startswith("no face") else ImageError)(reason)
+        return report.face_ids
+
+    def enroll_many(
+        self,
+        items: Iterable[EnrollItem],
+        *,
+        aligned: bool = False,
+        all_faces: bool = False,
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> EnrollReport:
+        """Enroll many images in batches: decode ahead in threads, detect, embed, commit each batch."""
+        report = EnrollReport()
+        models = self.models
+        with self._write_lock(), ThreadPoolExecutor(max_workers=2) as pool:
+            index = self._index()
+            pending: list[Future[_Decoded]] | None = None
+            for chunk in _chunks(items, batch_size):
+                nxt = [pool.submit(_decode, it) for it in chunk]
+                if pending is not None:
+                    self._enroll_batch([f.result() for f in pending], models, index, report,
+                                       aligned, all_faces)
+                    if progress:
+                        progress(len(pending))
+                pending = nxt
+            if pending is not None:
+                self._enroll_batch([f.result() for f in pending], models, index, report,
+                                   aligned, all_faces)
+                if progress:
+                    progress(len(pending))
+            index.save()
+        return report
+
+    def _enroll_batch(
+        self,
+        decoded: list[_Decoded],
+        models: Any,
+        index: _SpaceIndex,
+        report: EnrollReport,
+        aligned: bool,
+        all_faces: bool,
+    ) -> None:
+        report.images += len(decoded)
+        seen = self.store.existing((d.digest, 0) for d in decoded if d.error is None)
+        fresh: list[_Decoded] = []
+        for d in decoded:
+            if d.error is not None:
+                report.skipped.append(Skipped(d.source, d.error))
+            elif (d.digest, 0) in seen:
+                report.duplicates.append(d.source)
+            else:
+                seen.add((d.digest, 0))  # the same file twice in one batch
+                fresh.append(d)
+        faces: list[NewFace] = []
+        crops: list[np.ndarray] = []
+        if aligned:
+            for d in fresh:
+                try:
+                    assert d.image is not None
+                    crops.append(_check_aligned(d.image, d.source))
+                except ImageError as e:
+                    report.skipped.append(Skipped(d.source, str(e)))
+                    continue
+                faces.append(self._new_face(d, 0, 1, None))
+        else:
+            detections = models.detector.detect([d.image for d in fresh])
+            from tgfr_search.models.detector import align
+
+            for d, dets in zip(fresh, detections):
+                if not dets:
+                    report.skipped.append(Skipped(d.source, f"no face found in {d.source}"))
+                    continue
+                if len(dets) > 1:
+                    report.multi_face.append((d.source, len(dets)))
+                for i, det in enumerate(dets if all_faces else dets[:1]):
+                    crops.append(align(d.image, det.landmarks))
+                    faces.append(self._new_face(d, i, len(dets), det))
+        if not faces:
+            return
+        vectors = models.face.embed(crops)
+        for f, crop, vec in zip(faces, crops, vectors):
+            f.crop_png = _png(crop)
+            f.vectors = {FACE: vec}
+        report.face_ids.extend(self.store.add_faces(faces))
+        index.sync()
+
+    @staticmethod
+    def _new_face(d: _Decoded, i: int, n: int, det: Any) -> NewFace:
+        return NewFace(
+            identity=d.item.identity,
+            content_hash=d.digest,
+            crop_png=b"",
+            vectors={},
+            source=d.source,
+            face_index=i,
+            n_faces=n,
+            box=None if det is None else [round(float(v), 2) for v in det.box],
+            det_score=None if det is None else float(det.score),
+            caption=d.item.caption,
+            meta=dict(d.item.metadata or {}),
+        )
+
+    def enroll_folder(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        captions: str | os.PathLike[str] | None = None,
+        aligned: bool = False,
+        all_faces: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> EnrollReport:
+        """Enroll `folder/<identity>/<image>` files, captions from sidecars or a captions file."""
+        items, problems = scan_gallery(folder, captions=captions, metadata=metadata)
+        report = self.enroll_many(
+            items, aligned=aligned, all_faces=all_faces, batch_size=batch_size, progress=progress
+        )
+        report.skipped[:0] = problems
+        return report
+
+    # -- search -----------------------------------------------------------------------------
+    def _probe(self, image: ImageLike, aligned: bool) -> tuple[np.ndarray, int]:
+        """The aligned crop of a probe's most prominent face, and how many faces it shows."""
+        src = _source_of(EnrollItem(image, ""))
+        img = load_image(image)
+        if aligned:
+            return _check_aligned(img, src), 1
+        from tgfr_search.models.detector import align
+
+        dets = self.models.detector.detect([img])[0]
+        if not dets:
+            raise NoFaceFound(f"no face found in {src}")
+        return align(img, dets[0].landmarks), len(dets)
+
+    def query(
+        self,
+        image: ImageLike | None = None,
+        *,
+        caption: str | None = None,
+        mode: str = "auto",
+        k: int = 10,
+        aligned: bool = False,
+        filters: Mapping[str, Any] | None = None,
+    ) -> Matches:
+        """Rank enrolled identities against a probe (best face per identity, best first)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "auto":
+            mode = "image"
+        if mode != "image":
+            raise ModeUnavailable(
+                f"mode {mode!r} needs the TGFR model, which this version of tgfr-search does "
+                "not ship yet; use --mode image"
+            )
+        if image is None:
+            raise ValueError("image mode needs a probe image")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        crop, n_faces = self._probe(image, aligned)
+        vec = self.models.face.embed([crop])
+        subset = self.store.matching(filters) if filters else None
+        results = self._ranked(self._index().sync(), vec, k, subset)
+        return Matches(results, mode=mode, faces_found=n_faces)
+
+    def _ranked(
+        self, index: FaissFlatIndex, vec: np.ndarray, k: int, subset: np.ndarray | None
+    ) -> list[Match]:
+        total = len(index) if subset is None else len(subset)
+        want = min(total, 4 * k)
+        while True:  # widen until k distinct identities, or everything was seen
+            scores, ids = index.search(vec, want, subset)
+            hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+            info = self.store.face_info([i for _, i in hits])
+            best: dict[str, tuple[float, FaceInfo]] = {}
+            for s, i in hits:
+                if i in info and info[i].identity not in best:
+                    best[info[i].identity] = (s, info[i])
+            if len(best) >= k or want >= total:
+                break
+            want = min(total, want * 4)
+        ranked = sorted(best.values(), key=lambda t: -t[0])[:k]
+        return [
+            Match(r + 1, f.identity, f.face_id, s, f.source, f.caption, {"face": s}, f.meta)
+            for r, (s, f) in enumerate(ranked)
+        ]
+
+    def verify(self, a: ImageLike, b: ImageLike, *, aligned: bool = False) -> Verification:
+        """1:1 comparison of two images' most prominent faces (cosine similarity)."""
+        (ca, na), (cb, nb) = self._probe(a, aligned), self._probe(b, aligned)
+        va, vb = self.models.face.embed([ca, cb])
+        return Verification(float(va @ vb), (na, nb))
+
+    # -- management -------------------------------------------------------------------------
+    def identities(self) -> list[tuple[str, int]]:
+        """Every enrolled identity with its number of faces."""
+        return self.store.identities()
+
+    def info(self) -> dict[str, Any]:
+        faces, identities = self.store.counts()
+        return {
+            "path": str(self.path),
+            "faces": faces,
+            "identities": identities,
+            "face_model": self.store.get(f"fingerprint:{FACE}"),
+            "generation": self.store.generation(),
+        }
+
+    def delete(self, identity: str) -> int:
+        """Forget an identity: its faces, crops, captions and vectors. Returns faces removed."""
+        with self._write_lock():
+            ids = self.store.delete_identity(identity)
+            self._persist_index()
+        return len(ids)
+
+    def _persist_index(self) -> None:
+        if self.store.get(f"dim:{FACE}") is not None:  # else nothing was ever embedded
+            self._index().save()
+
+    def reindex(
+        self, *, batch_size: int = 256, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Re-embed every stored crop with the loaded models and rebuild the index."""
+        self._check_models = False
+        models = self.models
+        done = 0
+        with self._write_lock():
+            for rows in self.store.iter_crops(batch_size):
+                crops = [cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+                         for _, png, _ in rows]
+                self.store.replace_vectors(FACE, [i for i, _, _ in rows], models.face.embed(crops))
+                done += len(rows)
+                if progress:
+                    progress(len(rows))
+            self.store.set(f"fingerprint:{FACE}", models.face.fingerprint)
+            self._index().save()
+        self._check_models = True
+        return done
+
+
+def read_captions_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Captions keyed by image path relative to the gallery, from CSV or JSONL."""
+    p = Path(path)
+    out: dict[str, str] = {}
+    with p.open(newline="", encoding="utf-8") as f:
+        if p.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
+            rows: Iterable[Mapping[str, Any]] = (json.loads(line) for line in f if line.strip())
+        else:
+            rows = csv.DictReader(f)
+        for n, row in enumerate(rows, 1):
+            image, caption = row.get("image"), row.get("caption")
+            if not image or caption is None:
+                raise ValueError(f"{p.name}: row {n} needs 'image' and 'caption' fields")
+            out[Path(str(image)).as_posix()] = str(caption)
+    return out
+
+
+def scan_gallery(
+    folder: str | os.PathLike[str],
+    *,
+    captions: str | os.PathLike[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[list[EnrollItem], list[Skipped]]:
+    """The images of `folder/<identity>/<image>`, and the entries that cannot be enrolled."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageError(f"{root} is not a folder")
+    table = read_captions_file(captions) if captions else {}
+    items: list[EnrollItem] = []
+    problems: list[Skipped] = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            if entry.suffix.lower() in IMAGE_SUFFIXES:
+                problems.append(Skipped(str(entry), "not inside an <identity>/ folder"))
+            continue
+        for file in sorted(entry.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not file.is_file():  # links are followed; False for dangling links and loops
+                why = "dangling or looping symlink" if file.is_symlink() else "not a regular file"
+                problems.append(Skipped(str(file), why))
+                continue
+            rel = file.relative_to(root).as_posix()
+            caption = table.get(rel)
+            sidecar = file.with_suffix(".txt")
+            if caption is None and sidecar.is_file():
+                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() or None
+            items.append(EnrollItem(file, entry.name, caption, dict(metadata or {}), str(file)))
+    return items, problems

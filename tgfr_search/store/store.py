@@ -1,0 +1,307 @@
+"""The metadata store: the one place the engine reads and writes rows, through SQLAlchemy 2.x."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tgfr_search.errors import NotFound
+from tgfr_search.store.schema import Face, Identity, Setting, Vector
+
+GENERATION = "generation"
+DELETE_GENERATION = "delete_generation"
+
+
+@dataclass
+class NewFace:
+    """A face ready to be stored: everything but the ids the database assigns."""
+
+    identity: str
+    content_hash: str
+    crop_png: bytes
+    vectors: dict[str, np.ndarray]
+    source: str | None = None
+    face_index: int = 0
+    n_faces: int = 1
+    box: list[float] | None = None
+    det_score: float | None = None
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FaceInfo:
+    """What a search result shows of a stored face."""
+
+    face_id: int
+    identity: str
+    source: str | None
+    caption: str | None
+    meta: dict[str, Any]
+
+
+def _migrations_dir() -> str:
+    return str(importlib.resources.files("tgfr_search.migrations"))
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers go on while a writer commits; secure_delete overwrites deleted rows.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA secure_delete=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine with the pragmas tgfr-search relies on for SQLite."""
+    if url.startswith("sqlite:///"):
+        db_file = Path(url.removeprefix("sqlite:///"))
+        if not db_file.exists():
+            # Create it readable by the owner only before SQLite opens it.
+            fd = os.open(db_file, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", _migrations_dir())
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", _migrations_dir())
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+def _json_field(field: Any, value: Any) -> Any:
+    """A JSON member cast to the SQL type of the value it is compared with, on any dialect."""
+    if isinstance(value, bool):
+        return field.as_boolean()
+    if isinstance(value, int):
+        return field.as_integer()
+    if isinstance(value, float):
+        return field.as_float()
+    return field.as_string()
+
+
+def _as_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+class Store:
+    """Identities, faces, captions, metadata and vectors in one SQL database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        if schema_revision(self.engine) != head_revision():
+            upgrade_schema(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- settings ---------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._session() as s:
+            row = s.get(Setting, key)
+            return default if row is None else row.value
+
+    def _set(self, s: Session, key: str, value: Any) -> None:
+        s.merge(Setting(key=key, value=value))
+
+    def set(self, key: str, value: Any) -> None:
+        with self._session.begin() as s:
+            self._set(s, key, value)
+
+    def generation(self) -> int:
+        return int(self.get(GENERATION, 0))
+
+    def _bump(self, s: Session, *, deleted: bool = False) -> int:
+        row = s.get(Setting, GENERATION)
+        gen = (int(row.value) if row else 0) + 1
+        self._set(s, GENERATION, gen)
+        if deleted:
+            self._set(s, DELETE_GENERATION, gen)
+        return gen
+
+    # -- writes -----------------------------------------------------------------------------
+    def existing(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which (content_hash, face_index) pairs are already stored."""
+        keys = list(keys)
+        hashes = {h for h, _ in keys}
+        if not hashes:
+            return set()
+        with self._session() as s:
+            rows = s.execute(
+                select(Face.content_hash, Face.face_index).where(Face.content_hash.in_(hashes))
+            ).all()
+        return {(h, i) for h, i in rows}
+
+    def add_faces(self, faces: Sequence[NewFace]) -> list[int]:
+        """Store a batch of faces in one transaction; returns their ids in order."""
+        if not faces:
+            return []
+        with self._session.begin() as s:
+            gen = self._bump(s)
+            names = {f.identity for f in faces}
+            ids = dict(
+                s.execute(select(Identity.name, Identity.id).where(Identity.name.in_(names))).all()
+            )
+            for name in sorted(names - ids.keys()):
+                ident = Identity(name=name)
+                s.add(ident)
+                s.flush()
+                ids[name] = ident.id
+            rows = []
+            for f in faces:
+                row = Face(
+                    identity_id=ids[f.identity],
+                    source=f.source,
+                    content_hash=f.content_hash,
+                    face_index=f.face_index,
+                    n_faces=f.n_faces,
+                    box=f.box,
+                    det_score=f.det_score,
+                    crop=f.crop_png,
+                    caption=f.caption,
+                    meta=dict(f.meta),
+                    generation=gen,
+                    vectors=[Vector(space=k, vector=_as_blob(v)) for k, v in f.vectors.items()],
+                )
+                s.add(row)
+                rows.append(row)
+            s.flush()
+            return [r.id for r in rows]
+
+    def delete_identity(self, name: str) -> list[int]:
+        """Forget an identity and all its faces; returns the deleted face ids."""
+        with self._session.begin() as s:
+            ident = s.scalar(select(Identity).where(Identity.name == name))
+            if ident is None:
+                raise NotFound(f"no identity named {name!r}")
+            face_ids = list(s.scalars(select(Face.id).where(Face.identity_id == ident.id)))
+            s.execute(delete(Vector).where(Vector.face_id.in_(face_ids)))
+            s.execute(delete(Face).where(Face.id.in_(face_ids)))
+            s.execute(delete(Identity).where(Identity.id == ident.id))
+            self._bump(s, deleted=True)
+        return face_ids
+
+    def replace_vectors(self, space: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Overwrite the vectors of some faces in one space (used by reindex)."""
+        with self._session.begin() as s:
+            for face_id, vec in zip(ids, vectors):
+                s.merge(Vector(face_id=int(face_id), space=space, vector=_as_blob(vec)))
+            self._bump(s, deleted=True)  # every vector changed: indexes must rebuild
+
+    # -- reads ------------------------------------------------------------------------------
+    def counts(self) -> tuple[int, int]:
+        with self._session() as s:
+            faces = s.scalar(select(func.count(Face.id))) or 0
+            idents = s.scalar(select(func.count(Identity.id))) or 0
+        return faces, idents
+
+    def identities(self) -> list[tuple[str, int]]:
+        """Every identity with its number of faces, by name."""
+        with self._session() as s:
+            rows = s.execute(
+                select(Identity.name, func.count(Face.id))
+                .join(Face, isouter=True)
+                .group_by(Identity.id)
+                .order_by(Identity.name)
+            ).all()
+        return [(n, c) for n, c in rows]
+
+    def vectors(
+        self, space: str, *, dim: int, after: int = 0, up_to: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, matrix) of the vectors in a space of faces added in generations (after, up_to]."""
+        q = (
+            select(Vector.face_id, Vector.vector)
+            .join(Face, Face.id == Vector.face_id)
+            .where(Vector.space == space, Face.generation > after)
+        )
+        if up_to is not None:
+            q = q.where(Face.generation <= up_to)
+        with self._session() as s:
+            rows = s.execute(q.order_by(Vector.face_id)).all()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+        return ids, mat
+
+    def face_info(self, ids: Sequence[int]) -> dict[int, FaceInfo]:
+        if not ids:
+            return {}
+        with self._session() as s:
+            rows = s.execute(
+                select(Face.id, Identity.name, Face.source, Face.caption, Face.meta)
+                .join(Identity)
+                .where(Face.id.in_([int(i) for i in ids]))
+            ).all()
+        return {r[0]: FaceInfo(r[0], r[1], r[2], r[3], r[4] or {}) for r in rows}
+
+    def matching(self, filters: Mapping[str, Any]) -> np.ndarray:
+        """Ids of faces whose identity or metadata equal every given value."""
+        q = select(Face.id).join(Identity)
+        for key, value in filters.items():
+            if key == "identity":
+                q = q.where(Identity.name == str(value))
+            else:
+                q = q.where(_json_field(Face.meta[key], value) == value)
+        with self._session() as s:
+            return np.fromiter(s.scalars(q), dtype=np.int64)
+
+    def iter_crops(self, batch: int = 256) -> Iterator[list[tuple[int, bytes, str | None]]]:
+        """(face_id, PNG crop, caption) in batches, for re-embedding."""
+        last = 0
+        while True:
+            with self._session() as s:
+                rows = s.execute(
+                    select(Face.id, Face.crop, Face.caption)
+                    .where(Face.id > last)
+                    .order_by(Face.id)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(r[0], r[1], r[2]) for r in rows]
+
