@@ -26,7 +26,9 @@ if connection is not None:
     _run(connection)
 else:  # the alembic command line, pointed at a database by sqlalchemy.url
     engine = engine_from_config(
-        config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
     )
     with engine.connect() as conn:
         _run(conn)

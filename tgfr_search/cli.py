@@ -116,8 +116,12 @@ def _engine(ctx: click.Context, **kw: Any) -> Any:
     help="CSV or JSONL with image (relative to GALLERY) and caption columns.",
 )
 @click.option("--aligned", is_flag=True, help="Images are aligned 112x112 crops: skip detection.")
-@click.option("--all-faces", is_flag=True, help="Enroll every face of an image, not just the most prominent.")
-@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Metadata for every face (repeatable).")
+@click.option(
+    "--all-faces", is_flag=True, help="Enroll every face of an image, not just the most prominent."
+)
+@click.option(
+    "--meta", multiple=True, metavar="KEY=VALUE", help="Metadata for every face (repeatable)."
+)
 @click.option("--batch-size", default=32, show_default=True, help="Images per batch.")
 @json_option
 @click.pass_context
@@ -132,14 +136,14 @@ def enroll(
     batch_size: int,
     as_json: bool,
 ) -> None:
-    """Enroll GALLERY/<identity>/<image> files (captions from <image>.txt sidecars or --captions)."""
+    """Enroll GALLERY/<identity>/<image> files; captions from <image>.txt or --captions."""
     from tgfr_search.engine import scan_gallery
 
     metadata = _parse_pairs(meta, "--meta")
     items, problems = scan_gallery(gallery, captions=captions, metadata=metadata)
     with _engine(ctx) as engine:
         t0 = time.perf_counter()
-        engine.models  # load (and check) the models before the clock starts
+        _ = engine.models  # load (and check) the models before the clock starts
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         with _progress(len(items), "enrolling") as advance:
@@ -157,8 +161,11 @@ def enroll(
     rate = report.images / seconds if seconds > 0 else 0.0
     if as_json:
         doc = report.to_dict()
-        doc.update(seconds=round(seconds, 3), model_load_seconds=round(load_s, 3),
-                   images_per_second=round(rate, 2))
+        doc.update(
+            seconds=round(seconds, 3),
+            model_load_seconds=round(load_s, 3),
+            images_per_second=round(rate, 2),
+        )
         _emit(doc)
     else:
         click.echo(
@@ -169,7 +176,9 @@ def enroll(
 
 
 @cli.command()
-@click.argument("probe", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "probe", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option("--caption", help="A description of the person.")
 @click.option(
     "--mode",
@@ -180,7 +189,12 @@ def enroll(
 )
 @click.option("-k", "--top", "k", default=10, show_default=True, help="Results to return.")
 @click.option("--aligned", is_flag=True, help="PROBE is an aligned 112x112 crop.")
-@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only faces with this metadata (repeatable; key 'identity' too).")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only faces with this metadata (repeatable; key 'identity' too).",
+)
 @json_option
 @click.pass_context
 @_library_errors
@@ -197,7 +211,9 @@ def query(
     """Find the enrolled identities that best match PROBE (and its caption)."""
     filters = _parse_pairs(where, "--where") or None
     with _engine(ctx) as engine:
-        matches = engine.query(probe, caption=caption, mode=mode, k=k, aligned=aligned, filters=filters)
+        matches = engine.query(
+            probe, caption=caption, mode=mode, k=k, aligned=aligned, filters=filters
+        )
     if as_json:
         _emit(matches.to_dict())
         return
@@ -291,8 +307,11 @@ def reindex(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
-              help="Build the demo engine here and keep it (default: a temporary folder).")
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Build the demo engine here and keep it (default: a temporary folder).",
+)
 @json_option
 @click.pass_context
 @_library_errors
@@ -303,17 +322,22 @@ def demo(ctx: click.Context, keep: Path | None, as_json: bool) -> None:
     from tgfr_search.demo import run_demo
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_demo(keep or Path(tmp) / "demo-db", models=ctx.obj["models"],
-                          model_dir=ctx.obj["model_dir"])
+        result = run_demo(
+            keep or Path(tmp) / "demo-db", models=ctx.obj["models"], model_dir=ctx.obj["model_dir"]
+        )
     if as_json:
         _emit(result)
         return
-    click.echo(f"enrolled {result['enrolled']} faces from {len(result['photos'])} sample photos: "
-               + ", ".join(result["photos"]))
+    click.echo(
+        f"enrolled {result['enrolled']} faces from {len(result['photos'])} sample photos: "
+        + ", ".join(result["photos"])
+    )
     click.echo("queried each face with a low-quality copy (1/4 size, blurred, JPEG q40):")
     for q in result["queries"]:
         ok = "ok " if q["correct"] else "MISS"
-        top = ", ".join(f"{m['identity']} {m['score']:.3f}" for m in q["results"])
+        top = (
+            ", ".join(f"{m['identity']} {m['score']:.3f}" for m in q["results"]) or "no face found"
+        )
         click.echo(f"  {ok} {q['probe']:<14} -> {top}")
     click.echo(f"rank-1: {result['rank1_correct']}/{len(result['queries'])}")
 

@@ -37,7 +37,9 @@ def low_quality_copy(photo: np.ndarray, box: np.ndarray, seed: int) -> bytes:
     w, h = x2 - x1, y2 - y1
     m = 0.6 * max(w, h)
     H, W = photo.shape[:2]
-    crop = photo[int(max(0, y1 - m)) : int(min(H, y2 + m)), int(max(0, x1 - m)) : int(min(W, x2 + m))]
+    crop = photo[
+        int(max(0, y1 - m)) : int(min(H, y2 + m)), int(max(0, x1 - m)) : int(min(W, x2 + m))
+    ]
     scale = max(0.25, 28.0 / w)  # shrink to about a quarter, but keep the face >= 28 px wide
     small = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small, (0, 0), 0.8)
@@ -48,7 +50,9 @@ def low_quality_copy(photo: np.ndarray, box: np.ndarray, seed: int) -> bytes:
     return buf.tobytes()
 
 
-def run_demo(db: Path, *, models: str = "vectron", model_dir: Any = None, k: int = 3) -> dict[str, Any]:
+def run_demo(
+    db: Path, *, models: str = "vectron", model_dir: Any = None, k: int = 3
+) -> dict[str, Any]:
     """Enroll every sample face as its own identity, query each with a degraded copy."""
     photos = sample_photos()
     with SearchEngine(db, models=models, model_dir=model_dir) as engine:

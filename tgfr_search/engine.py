@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -157,12 +158,10 @@ def _decode(item: EnrollItem) -> _Decoded:
         data = item.image
         if isinstance(data, (str, os.PathLike)):
             data = Path(data).read_bytes()
-        if isinstance(data, bytes):
-            digest = content_hash(data)
-        else:
-            image = load_image(data)
-            return _Decoded(item, src, image, content_hash(image.tobytes()))
-        return _Decoded(item, src, load_image(data), digest)
+        image = load_image(data, name=src)
+        # Files are keyed by their bytes; in-memory images by their pixels.
+        digest = content_hash(data if isinstance(data, bytes) else image.tobytes())
+        return _Decoded(item, src, image, digest)
     except ImageError as e:
         return _Decoded(item, src, error=str(e))
     except OSError as e:
@@ -182,7 +181,9 @@ def _chunks(items: Iterable[EnrollItem], size: int) -> Iterator[list[EnrollItem]
 
 def _check_aligned(image: np.ndarray, src: str) -> np.ndarray:
     if image.shape[:2] != (112, 112):
-        raise ImageError(f"{src}: an aligned face must be 112x112, got {image.shape[1]}x{image.shape[0]}")
+        raise ImageError(
+            f"{src}: an aligned face must be 112x112, got {image.shape[1]}x{image.shape[0]}"
+        )
     return image
 
 
@@ -212,7 +213,9 @@ class _SpaceIndex:
         except FileNotFoundError:
             return
         except (ValueError, KeyError, RuntimeError, OSError) as e:
-            self.rebuilt_because = f"index file {self.path.name} unreadable ({e}); rebuilt from the database"
+            self.rebuilt_because = (
+                f"index file {self.path.name} unreadable ({e}); rebuilt from the database"
+            )
             return
         self.index, self.generation = index, int(meta["generation"])
 
@@ -241,6 +244,14 @@ class _SpaceIndex:
         tmp = self.meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"generation": self.generation, "count": len(index)}))
         os.replace(tmp, self.meta_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_models(name: str, model_dir: str | None) -> Any:
+    """Models are shared by every engine of a process: sessions are thread-safe and costly."""
+    from tgfr_search.models import load_models
+
+    return load_models(name, model_dir=model_dir)
 
 
 class SearchEngine:
@@ -301,10 +312,8 @@ class SearchEngine:
     def models(self) -> Any:
         """The detector, face encoder and text encoder, loaded on first use."""
         if self._models is None:
-            from tgfr_search.models import load_models
-
             name, model_dir = self._models_spec
-            models = load_models(name, model_dir=model_dir)
+            models = _load_models(name, None if model_dir is None else str(model_dir))
             stored = self.store.get(f"fingerprint:{FACE}")
             if stored is None:
                 self.store.set(f"fingerprint:{FACE}", models.face.fingerprint)
@@ -361,7 +370,7 @@ class SearchEngine:
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
     ) -> EnrollReport:
-        """Enroll many images in batches: decode ahead in threads, detect, embed, commit each batch."""
+        """Enroll images in batches: decode ahead in threads, detect, embed, commit per batch."""
         report = EnrollReport()
         models = self.models
         with self._write_lock(), ThreadPoolExecutor(max_workers=2) as pool:
@@ -370,14 +379,16 @@ class SearchEngine:
             for chunk in _chunks(items, batch_size):
                 nxt = [pool.submit(_decode, it) for it in chunk]
                 if pending is not None:
-                    self._enroll_batch([f.result() for f in pending], models, index, report,
-                                       aligned, all_faces)
+                    self._enroll_batch(
+                        [f.result() for f in pending], models, index, report, aligned, all_faces
+                    )
                     if progress:
                         progress(len(pending))
                 pending = nxt
             if pending is not None:
-                self._enroll_batch([f.result() for f in pending], models, index, report,
-                                   aligned, all_faces)
+                self._enroll_batch(
+                    [f.result() for f in pending], models, index, report, aligned, all_faces
+                )
                 if progress:
                     progress(len(pending))
             index.save()
@@ -475,7 +486,7 @@ class SearchEngine:
     def _probe(self, image: ImageLike, aligned: bool) -> tuple[np.ndarray, int]:
         """The aligned crop of a probe's most prominent face, and how many faces it shows."""
         src = _source_of(EnrollItem(image, ""))
-        img = load_image(image)
+        img = load_image(image, name=src)
         if aligned:
             return _check_aligned(img, src), 1
         from tgfr_search.models.detector import align
@@ -578,8 +589,10 @@ class SearchEngine:
         done = 0
         with self._write_lock():
             for rows in self.store.iter_crops(batch_size):
-                crops = [cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-                         for _, png, _ in rows]
+                crops = [
+                    cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+                    for _, png, _ in rows
+                ]
                 self.store.replace_vectors(FACE, [i for i, _, _ in rows], models.face.embed(crops))
                 done += len(rows)
                 if progress:

@@ -66,9 +66,7 @@ class Face(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     identity: Mapped[Identity] = relationship(back_populates="faces")
-    vectors: Mapped[list[Vector]] = relationship(
-        cascade="all, delete-orphan", passive_deletes=True
-    )
+    vectors: Mapped[list[Vector]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
 
 
 class Vector(Base):

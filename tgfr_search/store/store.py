@@ -304,4 +304,3 @@ class Store:
                 return
             last = rows[-1][0]
             yield [(r[0], r[1], r[2]) for r in rows]
-

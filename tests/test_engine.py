@@ -1,0 +1,220 @@
+"""The engine end to end with the real models on real LFW faces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tgfr_search import EnrollItem, ModelMismatch, NoFaceFound, NotFound
+from tgfr_search.engine import ModeUnavailable
+
+
+@pytest.fixture(scope="module")
+def ten(raw_people):
+    """Ten people: their first photo enrolled, their other photos as probes."""
+    names = list(raw_people)[:10]
+    return {n: raw_people[n] for n in names}
+
+
+def enroll_first(engine, people):
+    items = [EnrollItem(p[0], name, caption=f"photo of {name}") for name, p in people.items()]
+    return engine.enroll_many(items)
+
+
+def test_enroll_and_identify_real_faces(make_engine, ten) -> None:
+    engine = make_engine()
+    report = enroll_first(engine, ten)
+    assert report.enrolled == 10 and not report.skipped
+    assert engine.info()["faces"] == 10 and engine.info()["identities"] == 10
+    hits = total = 0
+    for name, photos in ten.items():
+        for probe in photos[1:]:
+            matches = engine.query(probe, k=3)
+            assert matches.mode == "image" and [m.rank for m in matches] == [1, 2, 3]
+            assert matches[0].score >= matches[1].score >= matches[2].score
+            hits += matches[0].identity == name
+            total += 1
+    assert hits / total >= 0.95
+    top = engine.query(ten[next(iter(ten))][1], k=1)[0]
+    assert top.caption == f"photo of {top.identity}" and top.source.endswith(".jpg")
+
+
+def test_enrolling_twice_adds_nothing(make_engine, ten) -> None:
+    engine = make_engine()
+    enroll_first(engine, ten)
+    before = engine.info()
+    again = enroll_first(engine, ten)
+    assert again.enrolled == 0 and len(again.duplicates) == 10
+    after = engine.info()
+    assert (after["faces"], after["identities"]) == (before["faces"], before["identities"])
+
+
+def test_input_forms_agree(make_engine, ten) -> None:
+    from PIL import Image
+
+    engine = make_engine()
+    enroll_first(engine, ten)
+    path = next(iter(ten.values()))[1]
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    results = [
+        engine.query(src, k=1)[0]
+        for src in (path, str(path), path.read_bytes(), Image.open(path), rgb)
+    ]
+    assert len({(m.identity, round(m.score, 4)) for m in results}) == 1
+
+
+def test_delete_removes_identity_from_results(make_engine, ten) -> None:
+    engine = make_engine()
+    enroll_first(engine, ten)
+    name, photos = next(iter(ten.items()))
+    assert engine.query(photos[1], k=1)[0].identity == name
+    assert engine.delete(name) == 1
+    assert name not in [m.identity for m in engine.query(photos[1], k=10)]
+    assert engine.info()["identities"] == 9
+    with pytest.raises(NotFound):
+        engine.delete(name)
+
+
+def test_second_process_sees_the_gallery(make_engine, ten, tmp_path: Path) -> None:
+    engine = make_engine("shared")
+    enroll_first(engine, ten)
+    name, photos = list(ten.items())[3]
+    code = (
+        "import json,sys; from tgfr_search import SearchEngine\n"
+        "with SearchEngine(sys.argv[1]) as e:\n"
+        "    m = e.query(sys.argv[2], k=1)[0]; print(json.dumps([m.identity, e.info()['faces']]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "shared"), str(photos[1])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout) == [name, 10]
+    # ...and the first process sees what another one deleted.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tgfr_search import SearchEngine\n"
+            "SearchEngine(sys.argv[1]).delete(sys.argv[2])",
+            str(tmp_path / "shared"),
+            name,
+        ],
+        check=True,
+    )
+    assert name not in [m.identity for m in engine.query(photos[1], k=10)]
+
+
+def test_no_face_and_bad_files_are_reported_not_fatal(make_engine, ten, tmp_path: Path) -> None:
+    engine = make_engine()
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 127, np.uint8))
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    good = next(iter(ten.values()))[0]
+    report = engine.enroll_many(
+        [EnrollItem(blank, "x"), EnrollItem(junk, "y"), EnrollItem(good, "z")]
+    )
+    assert report.enrolled == 1
+    reasons = {Path(s.source).name: s.reason for s in report.skipped}
+    assert reasons["blank.png"].startswith("no face found")
+    assert "junk.jpg" in reasons["junk.jpg"]
+    with pytest.raises(NoFaceFound):
+        engine.query(blank)
+    with pytest.raises(NoFaceFound):
+        engine.enroll(blank, identity="x")
+
+
+def test_group_photo_enrolls_most_prominent_or_all(make_engine) -> None:
+    from tgfr_search.demo import sample_photos
+
+    players = next(p for p in sample_photos() if p.name == "players.jpg")
+    engine = make_engine()
+    one = engine.enroll_many([EnrollItem(players, "team")])
+    assert one.enrolled == 1 and one.multi_face[0][1] > 3
+    engine2 = make_engine("all")
+    every = engine2.enroll_many([EnrollItem(players, "team")], all_faces=True)
+    assert every.enrolled == one.multi_face[0][1]
+    assert engine.query(players).faces_found == one.multi_face[0][1]
+
+
+def test_aligned_crops_skip_detection(make_engine, lfw: Path) -> None:
+    people = sorted(p for p in (lfw / "aligned112").iterdir() if len(list(p.glob("*.jpg"))) >= 2)[
+        :5
+    ]
+    engine = make_engine()
+    report = engine.enroll_many(
+        [EnrollItem(sorted(p.glob("*.jpg"))[0], p.name) for p in people], aligned=True
+    )
+    assert report.enrolled == 5
+    probe = sorted(people[2].glob("*.jpg"))[1]
+    assert engine.query(probe, aligned=True, k=1)[0].identity == people[2].name
+
+
+def test_filters_restrict_before_ranking(make_engine, ten) -> None:
+    engine = make_engine()
+    names = list(ten)
+    engine.enroll_many(
+        [
+            EnrollItem(p[0], n, metadata={"camera": "north" if i % 2 else "south"})
+            for i, (n, p) in enumerate(ten.items())
+        ]
+    )
+    probe = ten[names[0]][1]  # a "south" person
+    north = engine.query(probe, k=10, filters={"camera": "north"})
+    assert len(north) == 5 and all(m.metadata["camera"] == "north" for m in north)
+    assert engine.query(probe, k=1, filters={"identity": names[4]})[0].identity == names[4]
+
+
+def test_model_mismatch_points_at_reindex(make_engine, ten, tmp_path: Path) -> None:
+    from tgfr_search import SearchEngine
+
+    engine = make_engine("mm")
+    enroll_first(engine, ten)
+    engine.store.set("fingerprint:face", "w600k_mbf:0000000000000000:other")
+    reopened = SearchEngine(tmp_path / "mm")
+    with pytest.raises(ModelMismatch, match="tgfr-search .*reindex"):
+        reopened.query(next(iter(ten.values()))[1])
+    reopened.close()
+    fixed = SearchEngine(tmp_path / "mm", check_models=False)
+    assert fixed.reindex() == 10
+    fixed.close()
+    again = SearchEngine(tmp_path / "mm")
+    name, photos = next(iter(ten.items()))
+    assert again.query(photos[1], k=1)[0].identity == name
+    again.close()
+
+
+def test_corrupt_index_file_is_rebuilt_with_a_warning(make_engine, ten, tmp_path: Path) -> None:
+    from tgfr_search import SearchEngine
+
+    engine = make_engine("c")
+    enroll_first(engine, ten)
+    (tmp_path / "c" / "index-face.faiss").write_bytes(b"garbage")
+    reopened = SearchEngine(tmp_path / "c")
+    name, photos = next(iter(ten.items()))
+    assert reopened.query(photos[1], k=1)[0].identity == name
+    assert any("rebuilt" in w for w in reopened.warnings)
+    reopened.close()
+
+
+def test_modes_that_need_the_tgfr_model_say_so(make_engine, ten) -> None:
+    engine = make_engine()
+    with pytest.raises(ModeUnavailable, match="TGFR model"):
+        engine.query(next(iter(ten.values()))[0], caption="a man", mode="fused")
+    with pytest.raises(ValueError, match="unknown mode"):
+        engine.query(next(iter(ten.values()))[0], mode="nope")
+
+
+def test_verify_same_person_scores_higher(make_engine, ten) -> None:
+    engine = make_engine()
+    (a, b), (c, d) = [(p[0], p[1]) for p in list(ten.values())[:2]]
+    same, other = engine.verify(a, b).score, engine.verify(a, c).score
+    assert same > 0.3 > other

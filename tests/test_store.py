@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import inspect
+
+from tgfr_search.errors import NotFound
+from tgfr_search.store import NewFace, Store, sqlite_url
+from tgfr_search.store.store import head_revision, schema_revision
+
+
+def face(identity: str, h: str, vec: list[float], **kw) -> NewFace:
+    return NewFace(
+        identity=identity, content_hash=h, crop_png=b"png", vectors={"face": np.array(vec)}, **kw
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(sqlite_url(tmp_path / "m.db"))
+    yield s
+    s.close()
+
+
+def test_migrations_create_schema_at_head(store: Store, tmp_path: Path) -> None:
+    assert schema_revision(store.engine) == head_revision() == "0001"
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"identities", "faces", "vectors", "settings", "alembic_version"} <= tables
+    assert stat.S_IMODE((tmp_path / "m.db").stat().st_mode) == 0o600
+
+
+def test_add_read_delete(store: Store) -> None:
+    ids = store.add_faces(
+        [
+            face("alice", "h1", [1, 0], meta={"cam": "7", "n": 3}, caption="a woman"),
+            face("alice", "h2", [0, 1]),
+            face("bob", "h3", [1, 1]),
+        ]
+    )
+    assert ids == [1, 2, 3]
+    assert store.counts() == (3, 2)
+    assert store.identities() == [("alice", 2), ("bob", 1)]
+    got_ids, mat = store.vectors("face", dim=2)
+    assert got_ids.tolist() == ids and mat.dtype == np.float32 and mat[2].tolist() == [1, 1]
+    assert store.face_info([1])[1].caption == "a woman"
+    assert store.matching({"cam": "7"}).tolist() == [1]
+    assert store.matching({"n": 3}).tolist() == [1]
+    assert store.matching({"identity": "alice"}).tolist() == [1, 2]
+    assert store.existing([("h1", 0), ("h9", 0)]) == {("h1", 0)}
+    assert store.delete_identity("alice") == [1, 2]
+    assert store.counts() == (1, 1)
+    assert store.vectors("face", dim=2)[0].tolist() == [3]
+    with pytest.raises(NotFound, match="no identity named 'alice'"):
+        store.delete_identity("alice")
+
+
+def test_generations_track_additions_and_deletes(store: Store) -> None:
+    assert store.generation() == 0
+    store.add_faces([face("a", "h1", [1, 0])])
+    store.add_faces([face("b", "h2", [0, 1])])
+    assert store.generation() == 2
+    assert store.vectors("face", dim=2, after=1)[0].tolist() == [2]
+    assert store.vectors("face", dim=2, up_to=1)[0].tolist() == [1]
+    store.delete_identity("a")
+    assert store.generation() == 3 and store.get("delete_generation") == 3
+
+
+def test_same_content_twice_is_refused_by_the_schema(store: Store) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    store.add_faces([face("a", "h1", [1, 0])])
+    with pytest.raises(IntegrityError):
+        store.add_faces([face("b", "h1", [0, 1])])
+    assert store.counts() == (1, 1)  # the failed batch left nothing behind
+
+
+def test_reopen_keeps_rows(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "m.db")
+    s = Store(url)
+    s.add_faces([face("a", "h1", [1, 0])])
+    s.close()
+    s2 = Store(url)
+    assert s2.counts() == (1, 1)
+    s2.close()
