@@ -342,6 +342,37 @@ def demo(ctx: click.Context, keep: Path | None, as_json: bool) -> None:
     click.echo(f"rank-1: {result['rank1_correct']}/{len(result['queries'])}")
 
 
+@cli.group()
+def data() -> None:
+    """Build training and evaluation manifests from datasets (ignores --db)."""
+
+
+@data.command("lfw")
+@click.argument("lfw_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Manifest to write (JSON lines).",
+)
+@click.option("--no-ethnicity", is_flag=True, help="Leave ethnicity out of every caption.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the caption grammar.")
+@json_option
+@_library_errors
+def data_lfw(lfw_dir: Path, out: Path, no_ethnicity: bool, seed: int, as_json: bool) -> None:
+    """Write one JSON line per LFW face: image, identity, split and generated captions."""
+    from tgfr_search.training.lfw import write_manifest
+
+    counts = write_manifest(lfw_dir, out, ethnicity=not no_ethnicity, seed=seed)
+    if as_json:
+        _emit(counts)
+    else:
+        click.echo(
+            f"wrote {counts['total']} images to {out}: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "total")
+        )
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
