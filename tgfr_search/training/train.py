@@ -1,0 +1,562 @@
+"""Train the TGFR heads on cached frozen features, with model selection on `val` only.
+
+Training rows are the `train` people only. Each step samples P people x K images; every image
+gives a clean "gallery" view (L0) and a degraded "probe" view (L1..L3 or a random
+augmentation copy), each with a different caption of that image, so intra-modal positives and
+probe/gallery pairs like the protocol's exist in every batch.
+
+Stage "align" (FCAM) trains CICL + WRCL + intra-modal SupCon + an ArcFace margin on the
+aligned image vector; stage "fuse" (FCFM) trains the ArcFace margin on fused vectors plus a
+probe-vs-gallery supervised contrastive term (degraded+caption vs clean+caption of another
+image of the same person). `stages="two"` runs them in sequence, as the paper does;
+`stages="joint"` sums them from the start.
+
+After every epoch the fused model is scored on the val protocol (val people's first images +
+the first image of every train person as impostors; the other val images as probes) at L0 and
+L3; the best epoch by L3 rank-1 + TAR@FAR=1e-3, among those whose L0 rank-1 stays within
+`l0_tolerance` of image-only, is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tgfr_search.errors import TGFRError
+from tgfr_search.training import metrics
+from tgfr_search.training.evaluate import (
+    build_protocol,
+    caption_positions,
+    evaluate,
+    fused_vectors,
+    score_matrix,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from tgfr_search.models.tgfr import TGFR, TGFRConfig
+    from tgfr_search.training.features import FeatureCache
+
+__all__ = [
+    "ABLATIONS",
+    "TrainOptions",
+    "ablation_table",
+    "train",
+    "tune_score_fusion",
+    "val_metrics",
+]
+
+ABLATIONS = (None, "no_wrcl", "global_only")
+DEGRADED = ("L1", "L2", "L3")
+
+
+class TrainingError(TGFRError, ValueError):
+    """Training data or options that cannot produce a model."""
+
+
+@dataclass
+class TrainOptions:
+    """Optimisation settings; every field is recorded in the checkpoint summary."""
+
+    epochs_align: int = 6
+    epochs_fuse: int = 10
+    people_per_batch: int = 48
+    images_per_person: int = 2
+    steps_per_epoch: int | None = None  # default: one pass over the train images
+    lr: float = 1e-3
+    lr_fuse: float = 5e-4
+    weight_decay: float = 1e-2
+    # loss weights
+    w_cicl: float = 1.0
+    w_wrcl: float = 0.5
+    w_intra: float = 0.5
+    w_id_image: float = 0.5
+    w_id_fused: float = 1.0
+    w_pair_fused: float = 1.0
+    align_in_fuse: float = 0.2  # weight of the align losses during the fuse stage
+    arc_s: float = 30.0
+    arc_m: float = 0.5
+    pair_temperature: float = 0.05
+    # probe view mix: weights of L1, L2, L3 and each augmentation copy (sum normalised)
+    level_weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
+    aug_weight: float = 1.0
+    clean_probe_prob: float = 0.1  # sometimes the probe view is clean too (L0 behaviour)
+    l0_tolerance: float = 0.003
+    eval_every: int = 1
+    threads: int | None = None
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class _TrainData:
+    """Train-row features of every variant, held in memory as tensors for fast batching."""
+
+    def __init__(self, cache: FeatureCache, use_regions: bool, device: str) -> None:
+        import torch
+
+        rows = cache.rows
+        self.rows_idx = np.array(
+            [i for i, r in enumerate(rows) if r["split"] == "train"], dtype=np.int64
+        )
+        if self.rows_idx.size == 0:
+            raise TrainingError("the cache has no train rows")
+        n = self.rows_idx.size
+        text = cache.text()
+        caps = np.stack(
+            [caption_positions(cache, self.rows_idx, c) for c in range(5)], axis=1
+        )  # (n, 5); -1 absent
+        self.n_caps = (caps >= 0).sum(1)
+        self.caps = caps
+        ids = [rows[i]["identity"] for i in self.rows_idx]
+        names = sorted(set(ids))
+        self.n_classes = len(names)
+        cls = {p: k for k, p in enumerate(names)}
+        self.labels = np.array([cls[p] for p in ids], dtype=np.int64)
+        # People with at least two captioned images can form probe/gallery pairs.
+        by_person: dict[int, list[int]] = defaultdict(list)
+        for j in range(n):
+            if self.n_caps[j] >= 2:
+                by_person[int(self.labels[j])].append(j)
+        self.people = {k: v for k, v in by_person.items() if len(v) >= 2}
+        if not self.people:
+            raise TrainingError("no train person has two captioned images")
+        self.person_keys = np.array(sorted(self.people), dtype=np.int64)
+
+        variants = [v for v in cache.variants if v == "L0" or v in DEGRADED or v.startswith("aug")]
+        self.variants = variants
+        self.globals: dict[str, torch.Tensor] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+        self.regions: dict[str, torch.Tensor] = {}
+        self.present: dict[str, np.ndarray] = {}
+        for v in variants:
+            face = cache.face(v)
+            image = np.asarray(face.image, dtype=np.int64)
+            lookup = np.full(max(int(image.max(initial=-1)), int(self.rows_idx.max())) + 1, -1)
+            lookup[image] = np.arange(image.size)
+            pos = lookup[self.rows_idx]
+            ok = pos >= 0
+            self.present[v] = ok
+            safe = np.where(ok, pos, 0)
+            self.globals[v] = torch.as_tensor(np.asarray(face.globals[safe], np.float32))
+            self.norms[v] = torch.as_tensor(np.asarray(face.norms[safe], np.float32))
+            if use_regions:
+                self.regions[v] = torch.as_tensor(np.asarray(face.regions[safe], np.float16))
+        # Text: only captions of train rows, re-indexed.
+        used = np.unique(caps[caps >= 0])
+        remap = np.full(int(used.max()) + 1 if used.size else 1, -1, dtype=np.int64)
+        remap[used] = np.arange(used.size)
+        self.caps = np.where(caps >= 0, remap[np.maximum(caps, 0)], -1)
+        mask = np.asarray(text.mask[used], dtype=bool)
+        length = max(int(mask.sum(1).max()), 1)
+        self.mask = torch.as_tensor(mask[:, :length])
+        self.tokens = (
+            torch.as_tensor(np.asarray(text.tokens[used][:, :length], np.float16))
+            if use_regions
+            else None
+        )
+        self.sentence = torch.as_tensor(np.asarray(text.sentence[used], np.float32))
+        self.device = device
+        norms_all = torch.cat([self.norms[v][torch.as_tensor(self.present[v])] for v in variants])
+        self.norm_mean = float(norms_all.mean())
+        self.norm_std = float(norms_all.std().clamp_min(1e-3))
+
+    def sample(self, rng: np.random.Generator, opts: TrainOptions) -> dict[str, Any]:
+        """One P x K batch: image index, label, clean + probe variant, two captions each."""
+        p = min(opts.people_per_batch, len(self.person_keys))
+        people = rng.choice(self.person_keys, size=p, replace=False)
+        imgs: list[int] = []
+        for k in people:
+            pool = self.people[int(k)]
+            kk = min(opts.images_per_person, len(pool))
+            imgs.extend(rng.choice(pool, size=kk, replace=False).tolist())
+        idx = np.array(imgs, dtype=np.int64)
+        # Probe variants: L1..L3 and the augmentation copies the row has.
+        probe_v = []
+        for j in idx:
+            if rng.random() < opts.clean_probe_prob:
+                probe_v.append("L0")
+                continue
+            names, w = [], []
+            for lvl, wt in zip(DEGRADED, opts.level_weights):
+                if lvl in self.present and self.present[lvl][j]:
+                    names.append(lvl)
+                    w.append(wt)
+            for v in self.variants:
+                if v.startswith("aug") and self.present[v][j]:
+                    names.append(v)
+                    w.append(opts.aug_weight)
+            ww = np.asarray(w, dtype=np.float64)
+            probe_v.append(names[int(rng.choice(len(names), p=ww / ww.sum()))] if names else "L0")
+        cap_g, cap_p = [], []
+        for j in idx:
+            avail = self.caps[j][self.caps[j] >= 0]
+            a, b = rng.choice(avail, size=2, replace=False)
+            cap_g.append(int(a))
+            cap_p.append(int(b))
+        return {
+            "idx": idx,
+            "labels": self.labels[idx],
+            "probe_v": probe_v,
+            "cap_g": np.array(cap_g),
+            "cap_p": np.array(cap_p),
+        }
+
+    def image_batch(self, idx: np.ndarray, variants: Sequence[str], with_regions: bool):
+        import torch
+
+        g = torch.empty(len(idx), self.globals["L0"].shape[1])
+        nr = torch.empty(len(idx))
+        r = (
+            torch.empty(len(idx), *self.regions["L0"].shape[1:], dtype=torch.float16)
+            if with_regions
+            else None
+        )
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, v in enumerate(variants):
+            groups[v].append(i)
+        for v, where in groups.items():
+            w = torch.as_tensor(where)
+            src = torch.as_tensor(idx[where])
+            g[w] = self.globals[v][src]
+            nr[w] = self.norms[v][src]
+            if r is not None:
+                r[w] = self.regions[v][src]
+        d = self.device
+        return g.to(d), nr.to(d), (r.to(d) if r is not None else None)
+
+    def text_batch(self, cap: np.ndarray, with_words: bool):
+        c = np.asarray(cap)
+        d = self.device
+        tok = self.tokens[c].to(d) if (with_words and self.tokens is not None) else None
+        return tok, self.mask[c].to(d), self.sentence[c].to(d)
+
+
+def val_metrics(
+    model: TGFR,
+    cache: FeatureCache,
+    levels: Sequence[int] = (0, 3),
+    *,
+    device: str = "cpu",
+    protocol=None,
+) -> dict[str, dict[str, float]]:
+    """Fused rank-1 and TAR@FAR=1e-3 on the val protocol at each level (fractions)."""
+    protocol = protocol or build_protocol(cache.rows, "val")
+    out = {}
+    gallery = fused_vectors(model, cache, "L0", protocol.gallery, 0, device=device)
+    for lvl in levels:
+        probes = fused_vectors(model, cache, f"L{lvl}", protocol.probes, 1, device=device)
+        s = probes @ gallery.T
+        out[f"L{lvl}"] = _rank1_tar(s, protocol.mate)
+    return out
+
+
+def _rank1_tar(scores: np.ndarray, mate: np.ndarray) -> dict[str, float]:
+    gen, imp = metrics.genuine_impostor(scores, mate)
+    return {
+        "rank1": float(metrics.rank_k(scores, mate, 1)),
+        "tar@1e-3": float(metrics.tar_at_far(gen, imp, [1e-3])[1e-3]),
+    }
+
+
+def _image_val(cache: FeatureCache, protocol, levels=(0, 3)) -> dict[str, dict[str, float]]:
+    return {
+        f"L{lvl}": _rank1_tar(score_matrix(cache, protocol, lvl, "image"), protocol.mate)
+        for lvl in levels
+    }
+
+
+def _objective(m: dict[str, dict[str, float]]) -> float:
+    return m["L3"]["rank1"] + m["L3"]["tar@1e-3"]
+
+
+def train(
+    cache: FeatureCache,
+    out: Path | str | None,
+    *,
+    config: TGFRConfig | None = None,
+    epochs: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    stages: str = "two",
+    ablation: str | None = None,
+    options: TrainOptions | None = None,
+    fingerprints: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train TGFR heads on the cache's train rows; keep the best val epoch; save it to `out`.
+
+    `epochs` (if given) is the total, split between the align and fuse stages in the default
+    proportion (joint: all joint). `ablation`: None (full model), "no_wrcl" (no word-region
+    loss) or "global_only" (no regions, no words, no cross-attention). Returns the summary
+    written to the checkpoint: options, val metrics of image-only and the chosen epoch, the
+    epoch history, and the training time. `out=None` trains without saving (the model is in
+    the returned dict under "model").
+    """
+    import torch
+
+    from tgfr_search.models.tgfr import TGFR, TGFRConfig
+    from tgfr_search.training import losses
+
+    if stages not in ("two", "joint"):
+        raise TrainingError(f"stages must be 'two' or 'joint', not {stages!r}")
+    if ablation not in ABLATIONS:
+        raise TrainingError(f"ablation must be one of {ABLATIONS}, not {ablation!r}")
+    opts = replace(options) if options is not None else TrainOptions()
+    if epochs is not None:
+        if stages == "two":
+            total = opts.epochs_align + opts.epochs_fuse
+            opts.epochs_align = max(1, round(epochs * opts.epochs_align / total))
+            opts.epochs_fuse = max(1, epochs - opts.epochs_align)
+        else:
+            opts.epochs_align, opts.epochs_fuse = 0, epochs
+    if stages == "joint":
+        opts.epochs_fuse += opts.epochs_align
+        opts.epochs_align = 0
+    say = progress or (lambda _msg: None)
+    dev = _device(device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+
+    cfg = replace(config) if config is not None else TGFRConfig()
+    if ablation == "global_only":
+        cfg = replace(cfg, use_regions=False)
+    use_wrcl = cfg.use_regions and ablation != "no_wrcl" and opts.w_wrcl > 0
+    data = _TrainData(cache, cfg.use_regions, dev)
+    face0 = cache.face("L0")
+    cfg = replace(
+        cfg,
+        face_dim=int(face0.globals.shape[1]),
+        region_dim=int(face0.regions.shape[2]),
+        n_regions=int(face0.regions.shape[1]),
+        text_dim=int(data.sentence.shape[1]),
+        quality_mean=data.norm_mean,
+        quality_std=data.norm_std,
+    )
+    say(
+        f"train: {len(data.rows_idx)} images of {data.n_classes} people, variants "
+        f"{data.variants}, device {dev}, loaded in {time.perf_counter() - t0:.0f}s"
+    )
+    model = TGFR(cfg).to(dev)
+    head_img = losses.ArcMarginLoss(cfg.embed_dim, data.n_classes, opts.arc_s, opts.arc_m).to(dev)
+    head_fused = losses.ArcMarginLoss(cfg.fused_dim, data.n_classes, opts.arc_s, opts.arc_m).to(dev)
+    protocol = build_protocol(cache.rows, "val")
+    image_val = _image_val(cache, protocol)
+    say(f"val image-only: {json.dumps(image_val)}")
+
+    steps = opts.steps_per_epoch or max(
+        1, math.ceil(len(data.rows_idx) / (opts.people_per_batch * opts.images_per_person))
+    )
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"objective": -1.0}
+    epoch_no = 0
+
+    def run_stage(name: str, n_epochs: int, lr: float) -> None:
+        nonlocal epoch_no, best
+        if n_epochs <= 0:
+            return
+        align = name in ("align", "joint")
+        fuse = name in ("fuse", "joint")
+        params = list(model.parameters()) + list(head_img.parameters())
+        if fuse:
+            params += list(head_fused.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
+        total = n_epochs * steps
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=total, pct_start=0.1, anneal_strategy="cos"
+        )
+        w_align = 1.0 if align else opts.align_in_fuse
+        for _ in range(n_epochs):
+            epoch_no += 1
+            model.train()
+            te = time.perf_counter()
+            agg: dict[str, float] = defaultdict(float)
+            for _step in range(steps):
+                b = data.sample(rng, opts)
+                n = len(b["idx"])
+                labels = torch.as_tensor(b["labels"], device=dev)
+                lab2 = torch.cat([labels, labels])
+                g, nr, r = data.image_batch(
+                    np.concatenate([b["idx"], b["idx"]]),
+                    ["L0"] * n + list(b["probe_v"]),
+                    cfg.use_regions,
+                )
+                img = model.encode_image(g, nr, r)
+                tok, mask, sent = data.text_batch(
+                    np.concatenate([b["cap_g"], b["cap_p"]]), cfg.use_regions
+                )
+                txt = model.encode_text(tok, mask, sent)
+                parts: dict[str, torch.Tensor] = {}
+                if w_align > 0:
+                    scale = model.logit_scale.exp().clamp(max=100)
+                    parts["cicl"] = opts.w_cicl * losses.cicl(
+                        txt["sentence"], img["global"], lab2, scale
+                    )
+                    parts["intra"] = opts.w_intra * (
+                        losses.supcon(img["global"], lab2) + losses.supcon(txt["sentence"], lab2)
+                    )
+                    parts["id_img"] = opts.w_id_image * head_img(img["global"], lab2)
+                    if use_wrcl:
+                        parts["wrcl"] = opts.w_wrcl * losses.wrcl(
+                            txt["words"][:n],
+                            txt["mask"][:n],
+                            img["regions"][:n],
+                            labels,
+                            cfg.gamma1,
+                            cfg.gamma2,
+                            cfg.gamma3,
+                        )
+                    for k in list(parts):
+                        parts[k] = w_align * parts[k]
+                if fuse:
+                    fused = model.fuse(img, txt)
+                    parts["id_fused"] = opts.w_id_fused * head_fused(fused, lab2)
+                    gal, prb = fused[:n], fused[n:]
+                    logits = prb @ gal.T / opts.pair_temperature
+                    idx_t = torch.as_tensor(b["idx"], device=dev)
+                    same_img = idx_t[:, None] == idx_t[None, :]
+                    pos = (labels[:, None] == labels[None, :]) & ~same_img
+                    logits = logits.masked_fill(same_img, float("-inf"))
+                    logp = logits - torch.logsumexp(logits, 1, keepdim=True)
+                    npos = pos.sum(1)
+                    ok = npos > 0
+                    if ok.any():
+                        pair = -(logp.masked_fill(~pos, 0).sum(1)[ok] / npos[ok]).mean()
+                        parts["pair"] = opts.w_pair_fused * pair
+                loss = sum(parts.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                sched.step()
+                for k, v in parts.items():
+                    agg[k] += float(v.detach()) / steps
+            rec: dict[str, Any] = {
+                "epoch": epoch_no,
+                "stage": name,
+                "seconds": round(time.perf_counter() - te, 1),
+                "loss": {k: round(v, 4) for k, v in agg.items()},
+            }
+            if fuse and epoch_no % opts.eval_every == 0:
+                vm = val_metrics(model, cache, device=dev, protocol=protocol)
+                rec["val"] = vm
+                ok_l0 = vm["L0"]["rank1"] >= image_val["L0"]["rank1"] - opts.l0_tolerance
+                obj = _objective(vm)
+                rec["objective"] = round(obj, 4)
+                rec["l0_ok"] = bool(ok_l0)
+                if ok_l0 and obj > best["objective"]:
+                    best = {
+                        "objective": obj,
+                        "epoch": epoch_no,
+                        "val": vm,
+                        "state": {
+                            k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                        },
+                    }
+            history.append(rec)
+            say(json.dumps({k: v for k, v in rec.items()}))
+
+    run_stage("align", opts.epochs_align, opts.lr)
+    run_stage(
+        "fuse" if stages == "two" else "joint",
+        opts.epochs_fuse,
+        opts.lr_fuse if stages == "two" else opts.lr,
+    )
+    if "state" not in best:
+        # No epoch kept L0 within tolerance: keep the last one, and say so in the summary.
+        vm = val_metrics(model, cache, device=dev, protocol=protocol)
+        best = {
+            "objective": _objective(vm),
+            "epoch": epoch_no,
+            "val": vm,
+            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "l0_violated": True,
+        }
+    model.load_state_dict(best.pop("state"))
+    model = model.cpu().eval()
+    seconds = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "stages": stages,
+        "ablation": ablation,
+        "seed": seed,
+        "device": dev,
+        "options": asdict(opts),
+        "train_images": int(len(data.rows_idx)),
+        "train_people": int(data.n_classes),
+        "val_image_only": image_val,
+        "best": best,
+        "history": history,
+        "train_seconds": round(seconds, 1),
+    }
+    if out is not None:
+        model.save(Path(out), fingerprints=fingerprints or {}, summary=summary)
+    say(f"done in {seconds:.0f}s; best epoch {best['epoch']}: {json.dumps(best['val'])}")
+    return {**summary, "model": model}
+
+
+def tune_score_fusion(
+    cache: FeatureCache,
+    grid: Sequence[float] = tuple(np.round(np.arange(0.0, 0.51, 0.025), 3)),
+    *,
+    l0_tolerance: float = 0.003,
+) -> dict[str, Any]:
+    """Pick w for face cosine + w * sentence cosine on val (L3 rank-1 + TAR@1e-3, L0 kept)."""
+    protocol = build_protocol(cache.rows, "val")
+    base = _rank1_tar(score_matrix(cache, protocol, 0, "image"), protocol.mate)["rank1"]
+    best: dict[str, Any] = {"w": 0.0, "objective": -1.0}
+    rows = []
+    for w in grid:
+        l0 = _rank1_tar(score_matrix(cache, protocol, 0, "score", text_weight=w), protocol.mate)
+        l3 = _rank1_tar(score_matrix(cache, protocol, 3, "score", text_weight=w), protocol.mate)
+        obj = l3["rank1"] + l3["tar@1e-3"]
+        rows.append({"w": float(w), "L0": l0, "L3": l3})
+        if l0["rank1"] >= base - l0_tolerance and obj > best["objective"]:
+            best = {"w": float(w), "objective": obj, "L0": l0, "L3": l3}
+    return {"best": best, "grid": rows}
+
+
+def ablation_table(
+    cache: FeatureCache,
+    models: dict[str, TGFR | Path | str],
+    *,
+    split: str = "test",
+    levels: Sequence[int] = (0, 1, 2, 3),
+    score_weight: float | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate image-only, score-level fusion (w from val) and each named model at each level."""
+    if score_weight is None:
+        score_weight = tune_score_fusion(cache)["best"]["w"]
+    from tgfr_search.models.tgfr import TGFR
+
+    loaded = {k: TGFR.load(Path(m)) if isinstance(m, (str, Path)) else m for k, m in models.items()}
+    table: list[dict[str, Any]] = []
+    for lvl in levels:
+        table.append({"row": "image only", **evaluate(cache, split=split, level=lvl, mode="image")})
+        table.append(
+            {
+                "row": f"score fusion (w={score_weight:g})",
+                **evaluate(cache, split=split, level=lvl, mode="score", text_weight=score_weight),
+            }
+        )
+        for name, m in loaded.items():
+            table.append(
+                {"row": name, **evaluate(cache, split=split, level=lvl, mode="fused", model=m)}
+            )
+    return table
