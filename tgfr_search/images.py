@@ -1,0 +1,185 @@
+"""Turn whatever the user hands us (a path, bytes, a PIL image, an array) into a BGR uint8 array."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tgfr_search.errors import ImageError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    ImageSource = (
+        str | os.PathLike[str] | bytes | bytearray | memoryview | PILImage.Image | np.ndarray
+    )
+else:
+    ImageSource = Any
+
+__all__ = ["MAX_PIXELS", "MIN_SIDE", "ImageSource", "content_hash", "load_image"]
+
+MAX_PIXELS = 40_000_000
+"""Largest image (width x height) accepted: a guard against decompression bombs."""
+
+MIN_SIDE = 16
+"""Smallest accepted width or height: nothing smaller can hold a recognisable face."""
+
+# Modes PIL can convert to RGB itself without losing meaning (no alpha, 8 bits).
+_PLAIN_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "P"}
+
+
+def content_hash(data: bytes) -> str:
+    """Return the SHA-256 hex digest of a file's bytes, the key for de-duplicating photos."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_image(src: ImageSource, *, name: str | None = None) -> np.ndarray:
+    """Decode `src` into a contiguous BGR uint8 HxWx3 array, or raise ImageError saying why not.
+
+    `name` labels the image in error messages (defaults to the path, or a description of `src`).
+    EXIF orientation is applied to files and bytes; PIL images and arrays are taken as they are.
+    """
+    if isinstance(src, np.ndarray):
+        return _from_array(src, name or "<array>")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _from_bytes(bytes(src), name or "<bytes>")
+    if isinstance(src, (str, os.PathLike)):
+        label = name or os.fspath(src)
+        try:
+            data = Path(src).read_bytes()
+        except IsADirectoryError:
+            raise ImageError(f"cannot read {label}: is a folder") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read {label}: {exc.strerror or exc}") from None
+        return _from_bytes(data, label)
+    from PIL import Image
+
+    if isinstance(src, Image.Image):
+        label = name or getattr(src, "filename", "") or "<PIL image>"
+        _check_size(src.size, label)
+        try:
+            return _pil_to_bgr(src, label)
+        except ImageError:
+            raise
+        except Exception as exc:  # PIL raises a zoo of types for broken data
+            raise ImageError(f"cannot read {label}: {_reason(exc)}") from None
+    raise ImageError(
+        f"cannot read {name or type(src).__name__}: unsupported source type {type(src).__name__}"
+    )
+
+
+def _from_bytes(data: bytes, label: str) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError(f"cannot read {label}: empty file")
+    try:
+        # Our own MAX_PIXELS check below gives the clearer message; PIL's warning would be noise.
+        # (catch_warnings is process-wide: under threads the worst case is that this one
+        # warning category stays silenced, which is what we want anyway.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read {label}: not an image") from None
+    except Image.DecompressionBombError as exc:
+        # Far beyond PIL's own limit: PIL refuses before we see the size, but names the count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "pixels"
+        raise ImageError(
+            f"refused {label}: image too large: {size} (limit {MAX_PIXELS:,})"
+        ) from None
+    except Exception as exc:
+        raise ImageError(f"cannot read {label}: {_reason(exc)}") from None
+    with im:
+        # Checked before any pixel is decoded: only the header has been read so far.
+        _check_size(im.size, label)
+        try:
+            im.load()
+            try:
+                oriented = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block should not cost the photo itself
+                oriented = im
+            return _pil_to_bgr(oriented, label)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"cannot read {label}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "truncated" in text.lower():
+        return "truncated"
+    return text
+
+
+def _check_size(size: tuple[int, int], label: str) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"refused {label}: image too large: {width}x{height} pixels (limit {MAX_PIXELS:,})"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(
+            f"refused {label}: image too small: {width}x{height} pixels (minimum side {MIN_SIDE})"
+        )
+
+
+def _pil_to_bgr(im: PILImage.Image, label: str) -> np.ndarray:
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in _PLAIN_MODES:
+        rgb = np.asarray(im.convert("RGB") if mode != "RGB" else im)
+        return _rgb_to_bgr(rgb)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA"))
+        return _rgb_to_bgr(_composite_on_black(rgba))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # PIL's own convert("L") clips 16-bit values instead of scaling them: a near-white image.
+        values = np.asarray(im).astype(np.float64)
+        if mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        gray = np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    try:
+        rgb = np.asarray(im.convert("RGB"))
+    except (ValueError, OSError):
+        raise ImageError(f"cannot read {label}: unsupported colour mode {mode}") from None
+    return _rgb_to_bgr(rgb)
+
+
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[:, :, 3:4].astype(np.uint16)
+    return ((rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+
+
+def _rgb_to_bgr(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _from_array(arr: np.ndarray, label: str) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise ImageError(f"cannot read {label}: expected a uint8 array, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageError(
+            f"cannot read {label}: expected an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}"
+        )
+    _check_size((arr.shape[1], arr.shape[0]), label)
+    if arr.ndim == 2:
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if arr.shape[2] == 4:
+        arr = _composite_on_black(arr)
+    return _rgb_to_bgr(arr)

@@ -1,0 +1,134 @@
+"""Face embeddings: ArcFace recognisers over ONNX Runtime, fed aligned 112x112 crops."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+__all__ = ["ArcFaceONNX", "FaceEncoder"]
+
+
+@runtime_checkable
+class FaceEncoder(Protocol):
+    """Maps aligned BGR uint8 face crops to L2-normalised float32 rows of width `dim`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray: ...
+
+
+class ArcFaceONNX:
+    """An insightface ArcFace recogniser (w600k_mbf, w600k_r50, glintr100, ...) run in batches.
+
+    The default batch is small on purpose: on CPU, batches of 4-8 crops ran about 8% faster per
+    face than 64 (activations stay in cache); raise it for GPU providers.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        batch_size: int = 8,
+        threads: int | None = None,
+        input_mean: float = 127.5,
+        input_std: float = 127.5,
+        name: str | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        from tgfr_search.models.registry import file_sha256, make_session
+
+        self.model_path = Path(model_path)
+        self.batch_size = max(1, int(batch_size))
+        self.input_mean = float(input_mean)
+        self.input_std = float(input_std)
+        self.name = name or self.model_path.stem
+        self.sha256 = sha256 or file_sha256(self.model_path)
+        self.session: onnxruntime.InferenceSession = make_session(
+            _with_dynamic_batch(self.model_path), threads
+        )
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        self.input_name = inp.name
+        self.output_name = out.name
+        height, width = inp.shape[2], inp.shape[3]
+        if not (isinstance(height, int) and isinstance(width, int)):
+            raise ValueError(f"{self.model_path.name}: recogniser input size is not fixed")
+        self.input_size = (width, height)
+        self.dim = int(out.shape[-1])
+        config = {
+            "input_size": list(self.input_size),
+            "mean": self.input_mean,
+            "std": self.input_std,
+            "rgb": True,
+            "l2": True,
+        }
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+        self.fingerprint = f"{self.name}:{self.sha256[:16]}:{digest}"
+
+    def __repr__(self) -> str:
+        return f"ArcFaceONNX({self.model_path.name!r}, fingerprint={self.fingerprint!r})"
+
+    def embed(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Embed aligned crops (a sequence, or an N x H x W x 3 array) into (N, dim) unit rows."""
+        import cv2
+
+        items = list(crops)
+        width, height = self.input_size
+        for i, crop in enumerate(items):
+            if crop.shape != (height, width, 3) or crop.dtype != np.uint8:
+                raise ValueError(
+                    f"crop {i}: expected a BGR uint8 {height}x{width}x3 aligned face, "
+                    f"got {crop.dtype} {crop.shape}"
+                )
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            # Same arithmetic as insightface's get_feat, so embeddings match theirs bit for bit.
+            blob = cv2.dnn.blobFromImages(
+                chunk,
+                1.0 / self.input_std,
+                self.input_size,
+                (self.input_mean, self.input_mean, self.input_mean),
+                swapRB=True,
+            )
+            out[start : start + len(chunk)] = self.session.run(
+                [self.output_name], {self.input_name: blob}
+            )[0]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out /= np.maximum(norms, 1e-12)
+        return out
+
+
+def _with_dynamic_batch(path: Path) -> bytes:
+    """Return the model with a symbolic batch dimension on its inputs and outputs.
+
+    insightface's exports declare the output as [1, 512]; ORT then warns on every batch of N > 1.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    # Old exports list weights among the graph inputs; their shapes must stay as they are.
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in weights]
+    for value in inputs + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) > 0:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "N"
+    # Intermediate shapes were recorded for batch 1 too; ORT re-infers them when they are gone.
+    del model.graph.value_info[:]
+    return model.SerializeToString()
