@@ -8,7 +8,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-LFW = Path(os.environ.get("TGFR_LFW", Path(__file__).resolve().parents[1].parent / "shared/datasets/lfw"))
+LFW = Path(
+    os.environ.get("TGFR_LFW", Path(__file__).resolve().parents[1].parent / "shared/datasets/lfw")
+)
 
 
 def machine() -> dict[str, Any]:

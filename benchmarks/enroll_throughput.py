@@ -36,8 +36,11 @@ def yardstick(images: list[Path], repeats: int) -> dict[str, float]:
         for name in ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"):
             (Path(tmp) / name).symlink_to(vectron_folder() / name)
         t0 = time.perf_counter()
-        app = FaceAnalysis(name=tmp, allowed_modules=["detection", "recognition"],
-                           providers=["CPUExecutionProvider"])
+        app = FaceAnalysis(
+            name=tmp,
+            allowed_modules=["detection", "recognition"],
+            providers=["CPUExecutionProvider"],
+        )
         app.prepare(ctx_id=-1, det_size=(640, 640))
         load = time.perf_counter() - t0
         rates = []

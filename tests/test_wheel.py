@@ -75,13 +75,16 @@ def test_wheel_in_fresh_venv_runs_the_cli(wheel: Path, tmp_path: Path, raw_peopl
         (gallery / name).mkdir(parents=True)
         (gallery / name / photos[0].name).write_bytes(photos[0].read_bytes())
     db = tmp_path / "db"
-    run = lambda *a: subprocess.run(
-        [str(exe), "--db", str(db), *a, "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )  # noqa: E731
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(exe), "--db", str(db), *args, "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+
     assert json.loads(run("enroll", str(gallery)).stdout)["enrolled"] == 3
     doc = json.loads(run("query", str(people[1][1][1])).stdout)
     assert doc["results"][0]["identity"] == people[1][0]
