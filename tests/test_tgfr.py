@@ -241,3 +241,21 @@ def test_model_gradients_flow_through_all_losses():
     ]:
         p = dict(model.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_wrcl_scores_match_direct_context():
+    """The Gram-matrix shortcut equals building each word's region context explicitly."""
+    torch.manual_seed(4)
+    words = F.normalize(torch.randn(3, 5, 8), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    words = words * mask[..., None]
+    regions = F.normalize(torch.randn(4, 6, 8), dim=-1)
+    s = torch.einsum("tld,ird->tilr", words, regions)
+    m = mask[:, None, :, None]
+    a = torch.softmax(s.masked_fill(~m, float("-inf")), dim=2).masked_fill(~m, 0.0)
+    a = torch.softmax(4.0 * a, dim=3)
+    ctx = torch.einsum("tilr,ird->tild", a, regions)
+    r = F.cosine_similarity(ctx, words[:, None], dim=-1)
+    r = (5.0 * r).masked_fill(~mask[:, None, :], float("-inf"))
+    direct = torch.logsumexp(r, dim=2) / 5.0
+    assert torch.allclose(wrcl_scores(words, mask, regions, 4.0, 5.0), direct, atol=1e-5)

@@ -57,6 +57,8 @@ class TGFRConfig:
     ngrams: tuple[int, ...] = (1, 2, 3)
     use_regions: bool = True
     """False: the global-only ablation (no regions, no words, no cross-attention)."""
+    regions_attend_words: bool = True
+    """Also let regions attend to words (the second cross-attention direction)."""
     face_residual: bool = True
     """A quality-gated learned residual on the ArcFace embedding."""
     quality_mean: float = 20.0
@@ -127,11 +129,15 @@ def wrcl_scores(
     # s[t, i, l, r]: word l of caption t against region r of image i.
     s = torch.einsum("tld,ird->tilr", words, regions)
     m = mask[:, None, :, None]
-    s = s.masked_fill(~m, float("-inf"))
-    a = torch.softmax(s, dim=2).masked_fill(~m, 0.0)  # over words
+    a = torch.softmax(s.masked_fill(~m, float("-inf")), dim=2).masked_fill(~m, 0.0)  # words
     a = torch.softmax(gamma1 * a, dim=3)  # over regions
-    ctx = torch.einsum("tilr,ird->tild", a, regions)
-    r = F.cosine_similarity(ctx, words[:, None], dim=-1, eps=1e-6)  # (Bt, Bi, L)
+    # cos(ctx, w) without building ctx = a @ regions (Bt*Bi*L*d floats): ctx . w is
+    # sum_r a * s, and |ctx|^2 is a^T G a with G the image's region Gram matrix.
+    dot = (a * s).sum(-1)
+    gram = regions @ regions.transpose(1, 2)  # (Bi, R, R)
+    sq = (torch.einsum("tilr,irs->tils", a, gram) * a).sum(-1)
+    wn = words.norm(dim=-1)[:, None, :]
+    r = dot / (sq.clamp_min(1e-12).sqrt() * wn).clamp_min(1e-6)  # (Bt, Bi, L)
     r = (gamma2 * r).masked_fill(~mask[:, None, :], float("-inf"))
     return torch.logsumexp(r, dim=2) / gamma2
 
@@ -165,8 +171,10 @@ class TGFR(nn.Module):
             self.word_out = nn.Linear(d, d)
             # FCFM cross-attention, both directions
             self.w2r = _CrossBlock(d, c.heads, c.ffn_dim, c.dropout)
-            self.r2w = _CrossBlock(d, c.heads, c.ffn_dim, c.dropout)
-            cross_in = 4 * d
+            cross_in = 3 * d
+            if c.regions_attend_words:
+                self.r2w = _CrossBlock(d, c.heads, c.ffn_dim, c.dropout)
+                cross_in += d
         else:
             cross_in = 2 * d
         self.cross = nn.Sequential(
@@ -187,6 +195,12 @@ class TGFR(nn.Module):
         self.summary: dict[str, Any] = {}
 
     # ---- helpers -----------------------------------------------------------------------
+    FUSION_PREFIXES = ("w2r.", "r2w.", "cross.", "face_res.", "res_gate", "theta")
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """The FCFM parameters (cross-attention, cross MLP, face residual, mixing angle)."""
+        return [p for n, p in self.named_parameters() if n.startswith(self.FUSION_PREFIXES)]
+
     def quality(self, norms: Tensor) -> Tensor:
         """Standardised quality signal q from the ArcFace pre-normalisation norm (B,)."""
         c = self.config
@@ -196,6 +210,14 @@ class TGFR(nn.Module):
         """theta(q) in (0, pi/2): the share of the fused vector given to the cross part."""
         return (math.pi / 2) * torch.sigmoid(self.theta[0] + self.theta[1] * q)
 
+    def face_part(self, arcface: Tensor, q: Tensor) -> Tensor:
+        """ArcFace (unit rows) plus the residual gated by low quality, renormalised (FCFM)."""
+        face = arcface
+        if self.config.face_residual:
+            gate = torch.sigmoid(self.res_gate[0] + self.res_gate[1] * q)[:, None]
+            face = face + gate * self.face_res(torch.cat([arcface, q[:, None]], dim=1))
+        return _l2(face)
+
     # ---- FCAM --------------------------------------------------------------------------
     def encode_image(
         self, globals_: Tensor, norms: Tensor, regions: Tensor | None = None
@@ -204,11 +226,7 @@ class TGFR(nn.Module):
         g = _l2(globals_.float())
         q = self.quality(norms)
         out = {"arcface": g, "q": q, "global": _l2(self.img_global(g))}
-        face = g
-        if self.config.face_residual:
-            gate = torch.sigmoid(self.res_gate[0] + self.res_gate[1] * q)[:, None]
-            face = face + gate * self.face_res(torch.cat([g, q[:, None]], dim=1))
-        out["face"] = _l2(face)
+        out["face"] = self.face_part(g, q)
         if self.config.use_regions and regions is not None:
             x = self.region_in(regions.float()) + self.region_pos
             x = self.region_block(x)
@@ -238,10 +256,12 @@ class TGFR(nn.Module):
         if self.config.use_regions:
             words, m, regions = text["words"], text["mask"], image["regions"]
             w = self.w2r(words, regions)  # words attend to regions
-            r = self.r2w(regions, words, kv_pad=~m)  # regions attend to words
             mf = m.float()[..., None]
             w_pool = (w * mf).sum(1) / mf.sum(1).clamp_min(1.0)
-            parts += [_l2(w_pool), _l2(r.mean(1))]
+            parts.append(_l2(w_pool))
+            if self.config.regions_attend_words:
+                r = self.r2w(regions, words, kv_pad=~m)  # regions attend to words
+                parts.append(_l2(r.mean(1)))
         parts += [q, torch.tanh(q)]
         return self.cross(torch.cat(parts, dim=1))
 

@@ -82,7 +82,9 @@ class TrainOptions:
     w_id_image: float = 0.5
     w_id_fused: float = 1.0
     w_pair_fused: float = 1.0
-    align_in_fuse: float = 0.2  # weight of the align losses during the fuse stage
+    freeze_align: bool = True  # fuse stage: FCAM frozen (paper's second stage), only FCFM learns
+    align_in_fuse: float = 0.2  # weight of the align losses in a fuse stage that is not frozen
+    wrcl_max: int = 48  # WRCL over at most this many caption/image pairs per batch (cost ~ n^2)
     arc_s: float = 30.0
     arc_m: float = 0.5
     pair_temperature: float = 0.05
@@ -374,15 +376,19 @@ def train(
             return
         align = name in ("align", "joint")
         fuse = name in ("fuse", "joint")
-        params = list(model.parameters()) + list(head_img.parameters())
-        if fuse:
-            params += list(head_fused.parameters())
+        frozen = name == "fuse" and opts.freeze_align
+        if frozen:
+            params = model.fusion_parameters() + list(head_fused.parameters())
+        else:
+            params = list(model.parameters()) + list(head_img.parameters())
+            if fuse:
+                params += list(head_fused.parameters())
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
         total = n_epochs * steps
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=total, pct_start=0.1, anneal_strategy="cos"
         )
-        w_align = 1.0 if align else opts.align_in_fuse
+        w_align = 1.0 if align else (0.0 if frozen else opts.align_in_fuse)
         for _ in range(n_epochs):
             epoch_no += 1
             model.train()
@@ -398,11 +404,15 @@ def train(
                     ["L0"] * n + list(b["probe_v"]),
                     cfg.use_regions,
                 )
-                img = model.encode_image(g, nr, r)
                 tok, mask, sent = data.text_batch(
                     np.concatenate([b["cap_g"], b["cap_p"]]), cfg.use_regions
                 )
-                txt = model.encode_text(tok, mask, sent)
+                with torch.set_grad_enabled(not frozen):
+                    img = model.encode_image(g, nr, r)
+                    txt = model.encode_text(tok, mask, sent)
+                if frozen and cfg.face_residual:
+                    # The residual is FCFM: recompute the face part with gradients.
+                    img = {**img, "face": model.face_part(img["arcface"], img["q"])}
                 parts: dict[str, torch.Tensor] = {}
                 if w_align > 0:
                     scale = model.logit_scale.exp().clamp(max=100)
@@ -414,11 +424,12 @@ def train(
                     )
                     parts["id_img"] = opts.w_id_image * head_img(img["global"], lab2)
                     if use_wrcl:
+                        k = min(n, opts.wrcl_max)
                         parts["wrcl"] = opts.w_wrcl * losses.wrcl(
-                            txt["words"][:n],
-                            txt["mask"][:n],
-                            img["regions"][:n],
-                            labels,
+                            txt["words"][:k],
+                            txt["mask"][:k],
+                            img["regions"][:k],
+                            labels[:k],
                             cfg.gamma1,
                             cfg.gamma2,
                             cfg.gamma3,
