@@ -6,6 +6,7 @@ import csv
 import functools
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import numpy as np
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
+from tgfr_search.audit import AuditLog
 from tgfr_search.errors import (
     ImageError,
     LockTimeout,
@@ -203,6 +205,8 @@ class _SpaceIndex:
         self.index: FaissFlatIndex | None = None
         self.generation = -1
         self.rebuilt_because: str | None = None
+        # Searches and catch-ups of one engine may come from many threads.
+        self._lock = threading.RLock()
 
     def _load(self) -> None:
         try:
@@ -211,6 +215,10 @@ class _SpaceIndex:
             if index.dim != self.dim or len(index) != meta["count"]:
                 raise ValueError("size mismatch")
         except FileNotFoundError:
+            if self.store.generation() > 0:
+                self.rebuilt_because = (
+                    f"index file {self.path.name} missing; rebuilt from the database"
+                )
             return
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             self.rebuilt_because = (
@@ -221,6 +229,16 @@ class _SpaceIndex:
 
     def sync(self) -> FaissFlatIndex:
         """Bring the index up to the store's generation: add new faces, or rebuild after deletes."""
+        with self._lock:
+            return self._sync()
+
+    def search(
+        self, queries: np.ndarray, k: int, subset: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self._sync().search(queries, k, subset)
+
+    def _sync(self) -> FaissFlatIndex:
         if self.index is None and self.generation < 0:
             self._load()
         gen = self.store.generation()
@@ -239,11 +257,15 @@ class _SpaceIndex:
         return self.index
 
     def save(self) -> None:
-        index = self.sync()
-        index.save(self.path)
-        tmp = self.meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"generation": self.generation, "count": len(index)}))
-        os.replace(tmp, self.meta_path)
+        """Write the index, then the sidecar naming the generation it holds (both atomic)."""
+        with self._lock:
+            index = self._sync()
+            index.save(self.path)
+            tmp = self.meta_path.with_suffix(".json.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"generation": self.generation, "count": len(index)}, f)
+            os.replace(tmp, self.meta_path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -282,6 +304,7 @@ class SearchEngine:
         self._models: Any = None
         self._check_models = check_models
         self._face: _SpaceIndex | None = None
+        self.audit = AuditLog(self.path / "audit.log")
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> SearchEngine:
@@ -444,7 +467,9 @@ class SearchEngine:
         for f, crop, vec in zip(faces, crops, vectors):
             f.crop_png = _png(crop)
             f.vectors = {FACE: vec}
-        report.face_ids.extend(self.store.add_faces(faces))
+        ids = self.store.add_faces(faces)
+        report.face_ids.extend(ids)
+        self.audit.record("enroll", face_ids=ids, identities=sorted({f.identity for f in faces}))
         index.sync()
 
     @staticmethod
@@ -523,13 +548,21 @@ class SearchEngine:
         crop, n_faces = self._probe(image, aligned)
         vec = self.models.face.embed([crop])
         subset = self.store.matching(filters) if filters else None
-        results = self._ranked(self._index().sync(), vec, k, subset)
+        results = self._ranked(self._index(), vec, k, subset)
+        self.audit.record(
+            "search",
+            mode=mode,
+            k=k,
+            filters=dict(filters or {}),
+            caption=caption,
+            results=[m.identity for m in results],
+        )
         return Matches(results, mode=mode, faces_found=n_faces)
 
     def _ranked(
-        self, index: FaissFlatIndex, vec: np.ndarray, k: int, subset: np.ndarray | None
+        self, index: _SpaceIndex, vec: np.ndarray, k: int, subset: np.ndarray | None
     ) -> list[Match]:
-        total = len(index) if subset is None else len(subset)
+        total = len(index.sync()) if subset is None else len(subset)
         want = min(total, 4 * k)
         while True:  # widen until k distinct identities, or everything was seen
             scores, ids = index.search(vec, want, subset)
@@ -574,6 +607,8 @@ class SearchEngine:
         with self._write_lock():
             ids = self.store.delete_identity(identity)
             self._persist_index()
+            self.store.checkpoint()  # no copy of the deleted rows stays behind in the WAL
+        self.audit.record("delete", identity=identity, face_ids=ids)
         return len(ids)
 
     def _persist_index(self) -> None:

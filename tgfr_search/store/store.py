@@ -232,6 +232,12 @@ class Store:
                 s.merge(Vector(face_id=int(face_id), space=space, vector=_as_blob(vec)))
             self._bump(s, deleted=True)  # every vector changed: indexes must rebuild
 
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file and truncate it (SQLite only)."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # -- reads ------------------------------------------------------------------------------
     def counts(self) -> tuple[int, int]:
         with self._session() as s:
