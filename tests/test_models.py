@@ -333,5 +333,6 @@ def test_model_pack_accepts_encoder_or_factory(pack: ModelPack) -> None:
 
     lazy = ModelPack(pack.detector, pack.face, text=factory)
     assert not lazy.text_loaded and not calls
+    assert "<lazy>" in repr(lazy) and not calls
     assert lazy.text is fake and lazy.text is fake and calls == [1]
     assert ModelPack(pack.detector, pack.face).text is None

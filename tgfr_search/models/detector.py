@@ -104,8 +104,10 @@ class SCRFD:
                 f"{self.model_path.name} is not an SCRFD model with landmarks "
                 f"(9 outputs expected, found {len(outputs)})"
             )
-        # insightface's SCRFD export orders outputs as scores, boxes, landmarks for strides 8/16/32.
-        self.output_names = outputs
+        # Named exports (score_8, bbox_16, kps_32, ...) are ordered by name; the buffalo packs'
+        # numbered outputs follow insightface's positional order: scores, boxes, landmarks.
+        named = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in self.strides]
+        self.output_names = named if set(named) == set(outputs) else outputs
         self._centers: dict[tuple[int, int], list[np.ndarray]] = {}
         config = {
             "threshold": self.threshold,

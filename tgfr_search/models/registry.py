@@ -210,7 +210,7 @@ class _LazyText:
         obj.__dict__[self._attr] = value
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class ModelPack:
     """The models an engine needs; the text encoder is built on first use (it loads torch)."""
 
@@ -224,6 +224,14 @@ class ModelPack:
     def text_loaded(self) -> bool:
         """Whether the text encoder has been built (so torch is in memory)."""
         return hasattr(self.__dict__.get("_text_value"), "encode")
+
+    def __repr__(self) -> str:
+        # Never touch `self.text` here: printing a pack must not load torch.
+        stored = self.__dict__.get("_text_value")
+        text = repr(stored) if self.text_loaded else "<lazy>" if stored else None
+        return (
+            f"ModelPack({self.name!r}, detector={self.detector!r}, face={self.face!r}, text={text})"
+        )
 
 
 def _resolve_pack(pack: str | os.PathLike[str], model_dir: Any) -> tuple[FacePack, Path | None]:
