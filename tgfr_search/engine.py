@@ -23,6 +23,7 @@ from tgfr_search.audit import AuditLog
 from tgfr_search.errors import (
     ImageError,
     LockTimeout,
+    ModelFileError,
     ModelMismatch,
     NoFaceFound,
     TGFRError,
@@ -36,6 +37,9 @@ DEFAULT_DB = "./tgfr-db"
 MODES = ("auto", "image", "fused", "refine", "text")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FACE = "face"
+FUSED = "fused"
+ALIGNED = "aligned"
+DEFAULT_FAR = 1e-3
 
 ImageLike = Any  # a path, bytes, a PIL image or an RGB numpy array
 
@@ -56,36 +60,64 @@ class Match:
     caption: str | None
     scores: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    decision: bool | None = None
+    """Whether `score` clears the mode's threshold at the requested FAR (None: uncalibrated)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass
+class Quality:
+    """What the engine can tell about a probe face's quality."""
+
+    detector_score: float | None
+    size: float
+    """The face box's longer side in pixels of the original image."""
+    blur: float
+    """Variance of the Laplacian of the aligned crop: lower is blurrier."""
+    norm: float | None = None
+    """ArcFace's pre-normalisation norm, which falls with blur and low resolution."""
+
+
+@dataclass
+class Probe:
+    crop: np.ndarray
+    faces: int
+    quality: Quality
+
+
+def blur(crop: np.ndarray) -> float:
+    """Variance of the Laplacian of a face crop, a standard sharpness estimate."""
+    gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
 class Matches(list[Match]):
     """The ranked results of one query, with what the engine did to get them."""
 
-    def __init__(self, items: Iterable[Match] = (), *, mode: str, faces_found: int) -> None:
+    def __init__(
+        self,
+        items: Iterable[Match] = (),
+        *,
+        mode: str,
+        faces_found: int,
+        quality: Quality | None = None,
+        threshold: float | None = None,
+    ) -> None:
         super().__init__(items)
         self.mode = mode
         self.faces_found = faces_found
+        self.quality = quality
+        self.threshold = threshold
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "faces_found": self.faces_found,
-            "results": [
-                {
-                    "rank": m.rank,
-                    "identity": m.identity,
-                    "face_id": m.face_id,
-                    "score": m.score,
-                    "source": m.source,
-                    "caption": m.caption,
-                    "scores": m.scores,
-                    "metadata": m.metadata,
-                }
-                for m in self
-            ],
+            "quality": None if self.quality is None else asdict(self.quality),
+            "threshold": self.threshold,
+            "results": [m.to_dict() for m in self],
         }
 
 
@@ -134,6 +166,8 @@ class EnrollReport:
 class Verification:
     score: float
     faces_found: tuple[int, int]
+    threshold: float | None = None
+    decision: bool | None = None
 
 
 @dataclass
@@ -276,6 +310,14 @@ def _load_models(name: str, model_dir: str | None) -> Any:
     return load_models(name, model_dir=model_dir)
 
 
+@functools.lru_cache(maxsize=4)
+def _load_tgfr(name: str, model_dir: str | None, checkpoint: str) -> Any:
+    from tgfr_search.models.fusion import TGFRRuntime
+
+    models = _load_models(name, model_dir)
+    return TGFRRuntime(checkpoint, models.face, models.text)
+
+
 class SearchEngine:
     """An embedded face search engine stored in one directory.
 
@@ -292,6 +334,7 @@ class SearchEngine:
         *,
         models: str = "vectron",
         model_dir: str | os.PathLike[str] | None = None,
+        tgfr: str | os.PathLike[str] | None = "default",
         lock_timeout: float = 60.0,
         check_models: bool = True,
     ) -> None:
@@ -300,10 +343,13 @@ class SearchEngine:
         self._lock = FileLock(str(self.path / "write.lock"), timeout=lock_timeout)
         with self._write_lock():  # two processes must not both create the schema
             self.store = Store(sqlite_url(self.path / "metadata.db"))
-        self._models_spec = (models, model_dir)
+        self._models_spec = (models, None if model_dir is None else str(model_dir))
+        self._tgfr_spec = tgfr
         self._models: Any = None
+        self._tgfr: Any = None
+        self._tgfr_problem: str | None = None
         self._check_models = check_models
-        self._face: _SpaceIndex | None = None
+        self._indexes: dict[str, _SpaceIndex] = {}
         self.audit = AuditLog(self.path / "audit.log")
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -331,36 +377,82 @@ class SearchEngine:
         finally:
             self._lock.release()
 
+    def _mismatch(self, what: str, stored: str, loaded: str) -> ModelMismatch:
+        return ModelMismatch(
+            f"the {what} vectors in {self.path} were made by {stored}, but the loaded model is "
+            f"{loaded}; run `tgfr-search --db {self.path} reindex` to re-embed the stored faces"
+        )
+
     @property
     def models(self) -> Any:
         """The detector, face encoder and text encoder, loaded on first use."""
         if self._models is None:
-            name, model_dir = self._models_spec
-            models = _load_models(name, None if model_dir is None else str(model_dir))
+            models = _load_models(*self._models_spec)
             stored = self.store.get(f"fingerprint:{FACE}")
             if stored is None:
                 self.store.set(f"fingerprint:{FACE}", models.face.fingerprint)
                 self.store.set(f"dim:{FACE}", models.face.dim)
             elif stored != models.face.fingerprint and self._check_models:
-                raise ModelMismatch(
-                    f"the faces in {self.path} were embedded by {stored}, but the loaded face "
-                    f"model is {models.face.fingerprint}; run `tgfr-search --db {self.path} "
-                    "reindex` to re-embed them with the loaded models"
-                )
+                raise self._mismatch("face", stored, models.face.fingerprint)
             self._models = models
         return self._models
 
-    def _index(self) -> _SpaceIndex:
-        if self._face is None:
-            dim = self.store.get(f"dim:{FACE}") or self.models.face.dim
-            self._face = _SpaceIndex(self.store, self.path, FACE, int(dim))
-        return self._face
+    @property
+    def tgfr(self) -> Any:
+        """The TGFR runtime (fused and aligned spaces), or None when there is none to load."""
+        if self._tgfr is None and self._tgfr_problem is None:
+            from tgfr_search.models.fusion import default_checkpoint
+
+            spec = self._tgfr_spec
+            checkpoint = default_checkpoint() if spec == "default" else spec
+            if checkpoint is None:
+                self._tgfr_problem = "no TGFR model is loaded"
+                return None
+            models = self.models
+            try:
+                runtime = _load_tgfr(*self._models_spec, str(checkpoint))
+            except (ModelFileError, ValueError) as e:
+                if spec != "default":
+                    raise
+                # The shipped checkpoint fits only the face model it was trained on.
+                self._tgfr_problem = f"the shipped TGFR model does not fit these models ({e})"
+                return None
+            stored = self.store.get("fingerprint:tgfr")
+            faces = self.store.counts()[0]
+            if stored is None and faces == 0:
+                self.store.set("fingerprint:tgfr", runtime.fingerprint)
+                for space, dim in runtime.dims.items():
+                    self.store.set(f"dim:{space}", dim)
+            elif stored != runtime.fingerprint and self._check_models:
+                raise self._mismatch(
+                    "fused", stored or f"no TGFR model ({faces} faces)", runtime.fingerprint
+                )
+            del models
+            self._tgfr = runtime
+        return self._tgfr
+
+    def _need_tgfr(self, mode: str) -> Any:
+        runtime = self.tgfr
+        if runtime is None:
+            raise ModeUnavailable(f"mode {mode!r} needs the TGFR model: {self._tgfr_problem}")
+        return runtime
+
+    def _index(self, space: str = FACE) -> _SpaceIndex:
+        if space not in self._indexes:
+            dim = self.store.get(f"dim:{space}")
+            if dim is None:
+                dim = self.models.face.dim if space == FACE else self._need_tgfr(space).dims[space]
+            self._indexes[space] = _SpaceIndex(self.store, self.path, space, int(dim))
+        return self._indexes[space]
+
+    def _spaces(self) -> list[str]:
+        """The vector spaces this engine's store holds."""
+        return [s for s in (FACE, FUSED, ALIGNED) if self.store.get(f"dim:{s}") is not None]
 
     @property
     def warnings(self) -> list[str]:
         """Things the engine repaired on its own (e.g. a corrupt index file rebuilt)."""
-        w = self._face.rebuilt_because if self._face else None
-        return [w] if w else []
+        return [i.rebuilt_because for i in self._indexes.values() if i.rebuilt_because]
 
     # -- enrollment -------------------------------------------------------------------------
     def enroll(
@@ -395,36 +487,38 @@ class SearchEngine:
     ) -> EnrollReport:
         """Enroll images in batches: decode ahead in threads, detect, embed, commit per batch."""
         report = EnrollReport()
-        models = self.models
+        _ = self.models, self.tgfr  # load and check the models before taking the lock
         with self._write_lock(), ThreadPoolExecutor(max_workers=2) as pool:
-            index = self._index()
             pending: list[Future[_Decoded]] | None = None
             for chunk in _chunks(items, batch_size):
                 nxt = [pool.submit(_decode, it) for it in chunk]
                 if pending is not None:
-                    self._enroll_batch(
-                        [f.result() for f in pending], models, index, report, aligned, all_faces
-                    )
+                    self._enroll_batch([f.result() for f in pending], report, aligned, all_faces)
                     if progress:
                         progress(len(pending))
                 pending = nxt
             if pending is not None:
-                self._enroll_batch(
-                    [f.result() for f in pending], models, index, report, aligned, all_faces
-                )
+                self._enroll_batch([f.result() for f in pending], report, aligned, all_faces)
                 if progress:
                     progress(len(pending))
-            index.save()
+            self._save_indexes()
         return report
 
+    def _embed(
+        self, crops: list[np.ndarray], captions: list[str | None]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Vectors of every space this engine keeps, and the ArcFace norms when known."""
+        runtime = self.tgfr
+        if runtime is None:
+            return {FACE: self.models.face.embed(crops)}, None
+        return runtime.embed(crops, captions)
+
+    def _save_indexes(self) -> None:
+        for space in self._spaces():
+            self._index(space).save()
+
     def _enroll_batch(
-        self,
-        decoded: list[_Decoded],
-        models: Any,
-        index: _SpaceIndex,
-        report: EnrollReport,
-        aligned: bool,
-        all_faces: bool,
+        self, decoded: list[_Decoded], report: EnrollReport, aligned: bool, all_faces: bool
     ) -> None:
         report.images += len(decoded)
         seen = self.store.existing((d.digest, 0) for d in decoded if d.error is None)
@@ -449,7 +543,7 @@ class SearchEngine:
                     continue
                 faces.append(self._new_face(d, 0, 1, None))
         else:
-            detections = models.detector.detect([d.image for d in fresh])
+            detections = self.models.detector.detect([d.image for d in fresh])
             from tgfr_search.models.detector import align
 
             for d, dets in zip(fresh, detections):
@@ -463,14 +557,13 @@ class SearchEngine:
                     faces.append(self._new_face(d, i, len(dets), det))
         if not faces:
             return
-        vectors = models.face.embed(crops)
-        for f, crop, vec in zip(faces, crops, vectors):
+        vectors, _ = self._embed(crops, [f.caption for f in faces])
+        for i, (f, crop) in enumerate(zip(faces, crops)):
             f.crop_png = _png(crop)
-            f.vectors = {FACE: vec}
+            f.vectors = {space: v[i] for space, v in vectors.items()}
         ids = self.store.add_faces(faces)
         report.face_ids.extend(ids)
         self.audit.record("enroll", face_ids=ids, identities=sorted({f.identity for f in faces}))
-        index.sync()
 
     @staticmethod
     def _new_face(d: _Decoded, i: int, n: int, det: Any) -> NewFace:
@@ -508,18 +601,39 @@ class SearchEngine:
         return report
 
     # -- search -----------------------------------------------------------------------------
-    def _probe(self, image: ImageLike, aligned: bool) -> tuple[np.ndarray, int]:
-        """The aligned crop of a probe's most prominent face, and how many faces it shows."""
+    def _probe(self, image: ImageLike, aligned: bool) -> Probe:
+        """The aligned crop of a probe's most prominent face, with what the detector saw."""
         src = _source_of(EnrollItem(image, ""))
         img = load_image(image, name=src)
         if aligned:
-            return _check_aligned(img, src), 1
+            crop = _check_aligned(img, src)
+            return Probe(crop, 1, Quality(None, 112.0, blur(crop)))
         from tgfr_search.models.detector import align
 
         dets = self.models.detector.detect([img])[0]
         if not dets:
             raise NoFaceFound(f"no face found in {src}")
-        return align(img, dets[0].landmarks), len(dets)
+        det = dets[0]
+        crop = align(img, det.landmarks)
+        size = float(max(det.box[2] - det.box[0], det.box[3] - det.box[1]))
+        return Probe(crop, len(dets), Quality(float(det.score), size, blur(crop)))
+
+    def _resolve_mode(self, mode: str, image: Any, caption: str | None) -> str:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        has_caption = bool(caption and caption.strip())
+        if mode == "auto":
+            if image is None:
+                mode = "text"
+            elif not has_caption or self.tgfr is None:
+                mode = "image"
+            else:  # fused needs captioned gallery faces; refine serves caption-less galleries
+                mode = "fused" if self.store.caption_fraction() >= 0.5 else "refine"
+        if mode != "text" and image is None:
+            raise ValueError(f"{mode} mode needs a probe image")
+        if mode in ("text", "refine") and not has_caption:
+            raise ValueError(f"{mode} mode needs a caption")
+        return mode
 
     def query(
         self,
@@ -530,62 +644,155 @@ class SearchEngine:
         k: int = 10,
         aligned: bool = False,
         filters: Mapping[str, Any] | None = None,
+        far: float | None = None,
     ) -> Matches:
-        """Rank enrolled identities against a probe (best face per identity, best first)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "auto":
-            mode = "image"
-        if mode != "image":
-            raise ModeUnavailable(
-                f"mode {mode!r} needs the TGFR model, which this version of tgfr-search does "
-                "not ship yet; use --mode image"
-            )
-        if image is None:
-            raise ValueError("image mode needs a probe image")
+        """Rank enrolled identities against a probe and/or a description (best first).
+
+        Modes: `image` (ArcFace), `fused` (face + caption through TGFR), `refine` (image
+        candidates re-ranked with the caption-to-face score), `text` (description alone),
+        `auto` (the best that the probe and the gallery allow). Each identity appears once,
+        with its best-scoring face; `decision` is taken at the threshold for `far`.
+        """
         if k < 1:
             raise ValueError("k must be at least 1")
-        crop, n_faces = self._probe(image, aligned)
-        vec = self.models.face.embed([crop])
+        mode = self._resolve_mode(mode, image, caption)
         subset = self.store.matching(filters) if filters else None
-        results = self._ranked(self._index(), vec, k, subset)
+        probe = None if mode == "text" else self._probe(image, aligned)
+        if mode == "image":
+            vec = self.models.face.embed([probe.crop])  # type: ignore[union-attr]
+            ranked = self._ranked(self._index(FACE), vec, k, subset)
+        elif mode == "text":
+            vec = self._need_tgfr(mode).caption_vectors([caption])
+            ranked = self._ranked(self._index(ALIGNED), vec, k, subset)
+        else:
+            runtime = self._need_tgfr(mode)
+            vectors, norms = runtime.embed([probe.crop], [caption])  # type: ignore[union-attr]
+            probe.quality.norm = float(norms[0])  # type: ignore[union-attr]
+            if mode == "fused":
+                ranked = self._ranked(self._index(FUSED), vectors[FUSED], k, subset)
+            else:
+                ranked = self._refined(runtime, vectors[FACE], caption or "", k, subset)
+        matches = self._matches(ranked, mode, caption, probe, far)
         self.audit.record(
             "search",
             mode=mode,
             k=k,
             filters=dict(filters or {}),
             caption=caption,
-            results=[m.identity for m in results],
+            results=[m.identity for m in matches],
         )
-        return Matches(results, mode=mode, faces_found=n_faces)
+        return matches
 
     def _ranked(
         self, index: _SpaceIndex, vec: np.ndarray, k: int, subset: np.ndarray | None
-    ) -> list[Match]:
+    ) -> list[tuple[float, FaceInfo]]:
+        """The best face of each of the top-k identities: (score, face), best first."""
         total = len(index.sync()) if subset is None else len(subset)
         want = min(total, 4 * k)
-        while True:  # widen until k distinct identities, or everything was seen
+        best: dict[str, tuple[float, FaceInfo]] = {}
+        while want > 0:  # widen until k distinct identities, or everything was seen
             scores, ids = index.search(vec, want, subset)
             hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
             info = self.store.face_info([i for _, i in hits])
-            best: dict[str, tuple[float, FaceInfo]] = {}
+            best = {}
             for s, i in hits:
                 if i in info and info[i].identity not in best:
                     best[info[i].identity] = (s, info[i])
             if len(best) >= k or want >= total:
                 break
             want = min(total, want * 4)
-        ranked = sorted(best.values(), key=lambda t: -t[0])[:k]
-        return [
-            Match(r + 1, f.identity, f.face_id, s, f.source, f.caption, {"face": s}, f.meta)
-            for r, (s, f) in enumerate(ranked)
-        ]
+        return sorted(best.values(), key=lambda t: -t[0])[:k]
 
-    def verify(self, a: ImageLike, b: ImageLike, *, aligned: bool = False) -> Verification:
-        """1:1 comparison of two images' most prominent faces (cosine similarity)."""
-        (ca, na), (cb, nb) = self._probe(a, aligned), self._probe(b, aligned)
-        va, vb = self.models.face.embed([ca, cb])
-        return Verification(float(va @ vb), (na, nb))
+    def _refined(
+        self,
+        runtime: Any,
+        face_vec: np.ndarray,
+        caption: str,
+        k: int,
+        subset: np.ndarray | None,
+    ) -> list[tuple[float, FaceInfo]]:
+        """Image-mode candidates re-ranked by face score plus weighted caption-to-face score."""
+        params = runtime.summary.get("refine", {})
+        shortlist = self._ranked(
+            self._index(FACE), face_vec, max(k, int(params.get("k", 100))), subset
+        )
+        if not shortlist:
+            return []
+        ids = [f.face_id for _, f in shortlist]
+        aligned = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED])
+        text = aligned @ runtime.caption_vectors([caption])[0]
+        w = float(params.get("weight", 0.1))
+        scored = [(s + w * float(t), f) for (s, f), t in zip(shortlist, text)]
+        return sorted(scored, key=lambda t: -t[0])[:k]
+
+    def _matches(
+        self,
+        ranked: list[tuple[float, FaceInfo]],
+        mode: str,
+        caption: str | None,
+        probe: Probe | None,
+        far: float | None,
+    ) -> Matches:
+        """Results with every score that applies (face, text, fused) and a decision."""
+        ids = [f.face_id for _, f in ranked]
+        extra: dict[str, np.ndarray] = {}
+        runtime = self.tgfr if ids else None
+        if probe is not None and ids:
+            face = self.store.vectors_of(FACE, ids, dim=self.models.face.dim)
+            extra["face"] = face @ self.models.face.embed([probe.crop])[0]
+        if runtime is not None and caption and caption.strip():
+            aligned = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED])
+            extra["text"] = aligned @ runtime.caption_vectors([caption])[0]
+        threshold = self.threshold(mode, far)
+        results = []
+        for r, (score, f) in enumerate(ranked):
+            scores = {name: round(float(v[r]), 6) for name, v in extra.items()}
+            scores[mode] = round(score, 6)
+            decision = None if threshold is None else bool(score >= threshold)
+            results.append(
+                Match(
+                    r + 1,
+                    f.identity,
+                    f.face_id,
+                    score,
+                    f.source,
+                    f.caption,
+                    scores,
+                    f.meta,
+                    decision,
+                )
+            )
+        return Matches(
+            results,
+            mode=mode,
+            faces_found=0 if probe is None else probe.faces,
+            quality=None if probe is None else probe.quality,
+            threshold=threshold,
+        )
+
+    def threshold(self, mode: str, far: float | None = None) -> float | None:
+        """The calibrated score threshold of a mode at a false accept rate (default 1e-3)."""
+        runtime = self.tgfr
+        table = runtime.summary.get("thresholds", {}) if runtime is not None else {}
+        by_far = table.get(mode, {})
+        key = f"{far if far is not None else DEFAULT_FAR:g}"
+        if far is not None and by_far and key not in {f"{float(x):g}" for x in by_far}:
+            raise ValueError(f"no threshold calibrated at FAR {far:g}; have {sorted(by_far)}")
+        for name, value in by_far.items():
+            if f"{float(name):g}" == key:
+                return float(value)
+        return None
+
+    def verify(
+        self, a: ImageLike, b: ImageLike, *, aligned: bool = False, far: float | None = None
+    ) -> Verification:
+        """1:1 comparison of two images' most prominent faces (ArcFace cosine similarity)."""
+        pa, pb = self._probe(a, aligned), self._probe(b, aligned)
+        va, vb = self.models.face.embed([pa.crop, pb.crop])
+        score = float(va @ vb)
+        threshold = self.threshold("image", far)
+        decision = None if threshold is None else score >= threshold
+        return Verification(score, (pa.faces, pb.faces), threshold, decision)
 
     # -- management -------------------------------------------------------------------------
     def identities(self) -> list[tuple[str, int]]:
@@ -598,7 +805,9 @@ class SearchEngine:
             "path": str(self.path),
             "faces": faces,
             "identities": identities,
+            "spaces": self._spaces(),
             "face_model": self.store.get(f"fingerprint:{FACE}"),
+            "tgfr_model": self.store.get("fingerprint:tgfr"),
             "generation": self.store.generation(),
         }
 
@@ -606,35 +815,42 @@ class SearchEngine:
         """Forget an identity: its faces, crops, captions and vectors. Returns faces removed."""
         with self._write_lock():
             ids = self.store.delete_identity(identity)
-            self._persist_index()
+            self._save_indexes()
             self.store.checkpoint()  # no copy of the deleted rows stays behind in the WAL
         self.audit.record("delete", identity=identity, face_ids=ids)
         return len(ids)
 
-    def _persist_index(self) -> None:
-        if self.store.get(f"dim:{FACE}") is not None:  # else nothing was ever embedded
-            self._index().save()
-
     def reindex(
         self, *, batch_size: int = 256, progress: Callable[[int], None] | None = None
     ) -> int:
-        """Re-embed every stored crop with the loaded models and rebuild the index."""
+        """Re-embed every stored crop (and caption) with the loaded models; rebuild indexes."""
         self._check_models = False
-        models = self.models
-        done = 0
-        with self._write_lock():
-            for rows in self.store.iter_crops(batch_size):
-                crops = [
-                    cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-                    for _, png, _ in rows
-                ]
-                self.store.replace_vectors(FACE, [i for i, _, _ in rows], models.face.embed(crops))
-                done += len(rows)
-                if progress:
-                    progress(len(rows))
-            self.store.set(f"fingerprint:{FACE}", models.face.fingerprint)
-            self._index().save()
-        self._check_models = True
+        try:
+            _ = self.models
+            runtime = self.tgfr
+            done = 0
+            with self._write_lock():
+                for rows in self.store.iter_crops(batch_size):
+                    crops = [
+                        cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+                        for _, png, _ in rows
+                    ]
+                    vectors, _ = self._embed(crops, [c for _, _, c in rows])
+                    self.store.replace_vectors([i for i, _, _ in rows], vectors)
+                    done += len(rows)
+                    if progress:
+                        progress(len(rows))
+                self.store.set(f"fingerprint:{FACE}", self.models.face.fingerprint)
+                self.store.set(f"dim:{FACE}", self.models.face.dim)
+                if runtime is not None:
+                    self.store.set("fingerprint:tgfr", runtime.fingerprint)
+                    for space, dim in runtime.dims.items():
+                        self.store.set(f"dim:{space}", dim)
+                self._indexes.clear()
+                self._save_indexes()
+        finally:
+            self._check_models = True
+        self.audit.record("reindex", faces=done)
         return done
 
 

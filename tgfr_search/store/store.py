@@ -225,11 +225,12 @@ class Store:
             self._bump(s, deleted=True)
         return face_ids
 
-    def replace_vectors(self, space: str, ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Overwrite the vectors of some faces in one space (used by reindex)."""
+    def replace_vectors(self, ids: Sequence[int], vectors: Mapping[str, np.ndarray]) -> None:
+        """Overwrite the vectors of some faces, space by space (used by reindex)."""
         with self._session.begin() as s:
-            for face_id, vec in zip(ids, vectors):
-                s.merge(Vector(face_id=int(face_id), space=space, vector=_as_blob(vec)))
+            for space, rows in vectors.items():
+                for face_id, vec in zip(ids, rows):
+                    s.merge(Vector(face_id=int(face_id), space=space, vector=_as_blob(vec)))
             self._bump(s, deleted=True)  # every vector changed: indexes must rebuild
 
     def checkpoint(self) -> None:
@@ -272,6 +273,31 @@ class Store:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
         return ids, mat
+
+    def vectors_of(self, space: str, ids: Sequence[int], *, dim: int) -> np.ndarray:
+        """The vectors of the given faces in one space, in the order of `ids` (zeros if none)."""
+        with self._session() as s:
+            rows = dict(
+                s.execute(
+                    select(Vector.face_id, Vector.vector).where(
+                        Vector.space == space, Vector.face_id.in_([int(i) for i in ids])
+                    )
+                ).all()
+            )
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        for n, face_id in enumerate(ids):
+            if face_id in rows:
+                out[n] = np.frombuffer(rows[face_id], dtype="<f4")
+        return out
+
+    def caption_fraction(self) -> float:
+        """The share of faces enrolled with a caption (0 for an empty gallery)."""
+        with self._session() as s:
+            total = s.scalar(select(func.count(Face.id))) or 0
+            captioned = s.scalar(
+                select(func.count(Face.id)).where(Face.caption.is_not(None), Face.caption != "")
+            )
+        return (captioned or 0) / total if total else 0.0
 
     def face_info(self, ids: Sequence[int]) -> dict[int, FaceInfo]:
         if not ids:

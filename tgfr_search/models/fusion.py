@@ -1,0 +1,82 @@
+"""The TGFR model as the engine uses it: vectors for the fused and aligned spaces, query scores.
+
+The heads (`tgfr.py`) work on torch tensors of frozen features; this wraps them with the
+frozen encoders (ArcFace with its region map, MiniLM) so the engine hands in crops and
+captions and gets numpy vectors back.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tgfr_search.errors import ModelFileError
+
+FUSED = "fused"
+ALIGNED = "aligned"
+
+
+def default_checkpoint() -> Path | None:
+    """The TGFR checkpoint shipped inside the package, if this build has one."""
+    folder = Path(str(importlib.resources.files("tgfr_search.weights")))
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+class TGFRRuntime:
+    """Fused (face + caption) and aligned (caption <-> face) vectors from crops and captions."""
+
+    def __init__(self, checkpoint: str | Path, face: Any, text: Any) -> None:
+        import torch
+
+        from tgfr_search.models.regions import ArcFaceRegions
+        from tgfr_search.models.tgfr import TGFR
+
+        self.model = TGFR.load(checkpoint)
+        expected = self.model.fingerprints.get("face")
+        if expected is not None and expected != face.fingerprint:
+            raise ModelFileError(
+                f"the TGFR checkpoint in {checkpoint} was trained on {expected}, "
+                f"not on the loaded face model {face.fingerprint}"
+            )
+        self.regions = ArcFaceRegions(face.model_path, sha256=face.sha256)
+        self.text = text
+        self._torch = torch
+        cfg = self.model.config
+        self.dims = {FUSED: cfg.fused_dim, ALIGNED: cfg.embed_dim}
+        self.fingerprint = f"{self.model.fingerprint}|{text.fingerprint}"
+        self.summary: dict[str, Any] = self.model.summary
+
+    def _text_parts(self, captions: Sequence[str]) -> dict[str, Any]:
+        enc = self.text.encode(list(captions))
+        t = self._torch
+        return self.model.encode_text(
+            t.from_numpy(enc.tokens), t.from_numpy(enc.mask), t.from_numpy(enc.sentence)
+        )
+
+    def embed(
+        self, crops: Sequence[np.ndarray], captions: Sequence[str | None]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Vectors of every space for aligned crops and their captions (None: no caption).
+
+        Returns ({"face": (N,512), "fused": (N,D), "aligned": (N,256)}, ArcFace norms (N,)).
+        """
+        t = self._torch
+        globals_, norms, regions = self.regions.embed_full(crops)
+        with t.inference_mode():
+            image = self.model.encode_image(
+                t.from_numpy(globals_), t.from_numpy(norms), t.from_numpy(regions)
+            )
+            has = t.tensor([bool(c and c.strip()) for c in captions])
+            text = self._text_parts([c if c and c.strip() else "" for c in captions])
+            fused = self.model.fuse(image, text, has_text=has)
+        out = {"face": globals_, FUSED: fused.numpy(), ALIGNED: image["global"].numpy()}
+        return out, norms
+
+    def caption_vectors(self, captions: Sequence[str]) -> np.ndarray:
+        """Captions in the aligned space: their inner product with a face's aligned vector."""
+        with self._torch.inference_mode():
+            return self._text_parts(captions)["sentence"].numpy()
