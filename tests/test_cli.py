@@ -77,7 +77,9 @@ def test_enroll_query_info_list_delete(gallery, tmp_path: Path) -> None:
     assert name not in [r["identity"] for r in doc["results"]]
 
     out = run(["query", str(photos[1]), "-k", "1"], db)
-    assert out.exit_code == 0 and out.stdout.startswith("  1  ")
+    lines = out.stdout.splitlines()
+    assert out.exit_code == 0 and lines[0].startswith("  probe quality: detector 0.")
+    assert lines[1].startswith("  1  ") and len(lines) == 2
 
 
 def test_captions_file_and_metadata(gallery, tmp_path: Path) -> None:
@@ -136,3 +138,40 @@ def test_demo_runs_on_the_shipped_samples(tmp_path: Path) -> None:
     assert doc["enrolled"] == doc["gallery_faces"] >= 30
     assert doc["rank1_correct"] >= 0.7 * len(doc["queries"])
     assert not (tmp_path / "unused").exists()
+
+
+def test_query_a_folder_of_probes_and_contact_sheet(gallery, tmp_path: Path) -> None:
+    root, people = gallery
+    db = tmp_path / "db"
+    assert run(["enroll", str(root)], db).exit_code == 0
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    for name, photos in list(people.items())[:3]:
+        shutil.copy(photos[1], probes / f"{name}.jpg")
+    (probes / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = run(["query", str(probes), "-k", "2", "--json"], db)
+    assert out.exit_code == 0
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [Path(d["probe"]).name for d in lines] == sorted(p.name for p in probes.iterdir())
+    errors = [d for d in lines if "error" in d]
+    assert len(errors) == 1 and "broken.jpg" in errors[0]["error"]
+    for d in lines:
+        if "error" not in d:
+            assert d["results"][0]["identity"] == Path(d["probe"]).stem
+    sheet = tmp_path / "matches.png"
+    name, photos = next(iter(people.items()))
+    out = run(["query", str(photos[1]), "-k", "3", "--show", str(sheet)], db)
+    assert out.exit_code == 0
+    import cv2
+
+    img = cv2.imread(str(sheet))
+    assert img is not None and img.shape[1] >= 4 * 112
+
+
+def test_verify_json(gallery, tmp_path: Path) -> None:
+    _, people = gallery
+    (a, b), (c, _) = [(p[0], p[1]) for p in list(people.values())[:2]]
+    same = json.loads(run(["verify", str(a), str(b), "--json"], tmp_path / "db").stdout)
+    other = json.loads(run(["verify", str(a), str(c), "--json"], tmp_path / "db").stdout)
+    assert set(same) == {"score", "threshold", "decision", "faces_found"}
+    assert same["score"] > other["score"]

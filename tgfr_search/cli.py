@@ -175,10 +175,33 @@ def enroll(
         )
 
 
+def _probe_files(folder: Path) -> list[Path]:
+    from tgfr_search.engine import IMAGE_SUFFIXES
+
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _print_matches(matches: Any, label: str | None = None) -> None:
+    if label:
+        click.echo(f"{label}  [{matches.mode}]")
+    if matches.faces_found > 1:
+        _stderr(f"{matches.faces_found} faces found in the probe; searched with the most prominent")
+    q = matches.quality
+    if q is not None:
+        det = "-" if q.detector_score is None else f"{q.detector_score:.2f}"
+        click.echo(f"  probe quality: detector {det}, face {q.size:.0f}px, blur {q.blur:.0f}")
+    if not matches:
+        click.echo("  no enrolled faces")
+    for m in matches:
+        verdict = {True: "match", False: "-", None: ""}[m.decision]
+        extra = "  ".join(f"{k} {v:.3f}" for k, v in m.scores.items() if k != matches.mode)
+        click.echo(
+            f"{m.rank:>3}  {m.score:7.4f}  {verdict:<5}  {m.identity}  (face {m.face_id}; {extra})"
+        )
+
+
 @cli.command()
-@click.argument(
-    "probe", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
+@click.argument("probe", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--caption", help="A description of the person.")
 @click.option(
     "--mode",
@@ -195,6 +218,13 @@ def enroll(
     metavar="KEY=VALUE",
     help="Only faces with this metadata (repeatable; key 'identity' too).",
 )
+@click.option("--far", type=float, help="False accept rate of the decision threshold [1e-3].")
+@click.option(
+    "--show",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a contact sheet PNG of the probe and its matches.",
+)
+@click.option("--batch-size", default=64, show_default=True, help="Probes per batch (folders).")
 @json_option
 @click.pass_context
 @_library_errors
@@ -206,40 +236,88 @@ def query(
     k: int,
     aligned: bool,
     where: tuple[str, ...],
+    far: float | None,
+    show: Path | None,
+    batch_size: int,
     as_json: bool,
 ) -> None:
-    """Find the enrolled identities that best match PROBE (and its caption)."""
+    """Find the enrolled identities that best match PROBE and/or --caption.
+
+    PROBE may be a folder: every image in it is searched, one JSON line per probe with
+    --json (a probe's caption comes from its <image>.txt sidecar, else --caption).
+    """
     filters = _parse_pairs(where, "--where") or None
+    if probe is None and not caption:
+        raise click.UsageError("give a PROBE image, a --caption, or both")
     with _engine(ctx) as engine:
-        matches = engine.query(
-            probe, caption=caption, mode=mode, k=k, aligned=aligned, filters=filters
-        )
-    if as_json:
-        _emit(matches.to_dict())
-        return
-    if matches.faces_found > 1:
-        _stderr(f"{matches.faces_found} faces found in the probe; searched with the most prominent")
-    if not matches:
-        click.echo("no enrolled faces")
-    for m in matches:
-        click.echo(f"{m.rank:>3}  {m.score:7.4f}  {m.identity}  (face {m.face_id}, {m.source})")
+        if probe is None or probe.is_file():
+            matches = engine.query(
+                probe, caption=caption, mode=mode, k=k, aligned=aligned, filters=filters, far=far
+            )
+            if show is not None:
+                engine.contact_sheet(matches, show, caption)
+            if as_json:
+                _emit(matches.to_dict())
+            else:
+                _print_matches(matches)
+            return
+        files = _probe_files(probe)
+        failed = 0
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            caps = [
+                p.with_suffix(".txt").read_text(errors="replace").strip()
+                if p.with_suffix(".txt").is_file()
+                else caption
+                for p in chunk
+            ]
+            for path, result in zip(
+                chunk,
+                engine.query_batch(
+                    chunk, captions=caps, mode=mode, k=k, aligned=aligned, filters=filters, far=far
+                ),
+            ):
+                if not hasattr(result, "to_dict"):
+                    failed += 1
+                    _stderr(f"skipped {path}: {result}")
+                    if as_json:
+                        _emit({"probe": str(path), "error": str(result)})
+                    continue
+                if as_json:
+                    _emit({"probe": str(path), **result.to_dict()})
+                else:
+                    _print_matches(result, str(path))
+    if failed == len(files) and files:
+        raise click.ClickException(f"none of the {len(files)} probes could be searched")
 
 
 @cli.command()
 @click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--aligned", is_flag=True, help="A and B are aligned 112x112 crops.")
+@click.option("--far", type=float, help="False accept rate of the decision threshold [1e-3].")
 @json_option
 @click.pass_context
 @_library_errors
-def verify(ctx: click.Context, a: Path, b: Path, aligned: bool, as_json: bool) -> None:
-    """Compare the faces in two images (1:1): cosine similarity of their embeddings."""
+def verify(
+    ctx: click.Context, a: Path, b: Path, aligned: bool, far: float | None, as_json: bool
+) -> None:
+    """Compare the faces in two images (1:1): score, threshold and decision."""
     with _engine(ctx) as engine:
-        v = engine.verify(a, b, aligned=aligned)
+        v = engine.verify(a, b, aligned=aligned, far=far)
     if as_json:
-        _emit({"score": v.score, "faces_found": list(v.faces_found)})
+        _emit(
+            {
+                "score": v.score,
+                "threshold": v.threshold,
+                "decision": v.decision,
+                "faces_found": list(v.faces_found),
+            }
+        )
     else:
-        click.echo(f"score {v.score:.4f}")
+        verdict = {True: "same person", False: "different people", None: "uncalibrated"}
+        thr = "" if v.threshold is None else f" (threshold {v.threshold:.4f})"
+        click.echo(f"score {v.score:.4f}{thr}: {verdict[v.decision]}")
 
 
 @cli.command("list")

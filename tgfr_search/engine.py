@@ -7,7 +7,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -104,12 +104,15 @@ class Matches(list[Match]):
         faces_found: int,
         quality: Quality | None = None,
         threshold: float | None = None,
+        probe_crop: np.ndarray | None = None,
     ) -> None:
         super().__init__(items)
         self.mode = mode
         self.faces_found = faces_found
         self.quality = quality
         self.threshold = threshold
+        self.probe_crop = probe_crop
+        """The aligned face the search used (BGR), for display."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -601,22 +604,40 @@ class SearchEngine:
         return report
 
     # -- search -----------------------------------------------------------------------------
-    def _probe(self, image: ImageLike, aligned: bool) -> Probe:
-        """The aligned crop of a probe's most prominent face, with what the detector saw."""
-        src = _source_of(EnrollItem(image, ""))
-        img = load_image(image, name=src)
-        if aligned:
-            crop = _check_aligned(img, src)
-            return Probe(crop, 1, Quality(None, 112.0, blur(crop)))
+    def _probes(self, images: Sequence[ImageLike], aligned: bool) -> list[Probe | TGFRError]:
+        """Each probe's most prominent aligned face with its quality, or why there is none."""
         from tgfr_search.models.detector import align
 
-        dets = self.models.detector.detect([img])[0]
-        if not dets:
-            raise NoFaceFound(f"no face found in {src}")
-        det = dets[0]
-        crop = align(img, det.landmarks)
-        size = float(max(det.box[2] - det.box[0], det.box[3] - det.box[1]))
-        return Probe(crop, len(dets), Quality(float(det.score), size, blur(crop)))
+        sources = [_source_of(EnrollItem(im, "")) for im in images]
+
+        def decode(i: int) -> np.ndarray | TGFRError:
+            try:
+                return load_image(images[i], name=sources[i])
+            except TGFRError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            decoded = list(pool.map(decode, range(len(images))))
+        out: list[Probe | TGFRError] = list(decoded)  # type: ignore[arg-type]
+        todo = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        if aligned:
+            for i in todo:
+                try:
+                    crop = _check_aligned(decoded[i], sources[i])  # type: ignore[arg-type]
+                    out[i] = Probe(crop, 1, Quality(None, 112.0, blur(crop)))
+                except ImageError as e:
+                    out[i] = e
+            return out
+        detections = self.models.detector.detect([decoded[i] for i in todo]) if todo else []
+        for i, dets in zip(todo, detections):
+            if not dets:
+                out[i] = NoFaceFound(f"no face found in {sources[i]}")
+                continue
+            det = dets[0]
+            crop = align(decoded[i], det.landmarks)  # type: ignore[arg-type]
+            size = float(max(det.box[2] - det.box[0], det.box[3] - det.box[1]))
+            out[i] = Probe(crop, len(dets), Quality(float(det.score), size, blur(crop)))
+        return out
 
     def _resolve_mode(self, mode: str, image: Any, caption: str | None) -> str:
         if mode not in MODES:
@@ -653,96 +674,171 @@ class SearchEngine:
         `auto` (the best that the probe and the gallery allow). Each identity appears once,
         with its best-scoring face; `decision` is taken at the threshold for `far`.
         """
-        if k < 1:
-            raise ValueError("k must be at least 1")
-        mode = self._resolve_mode(mode, image, caption)
-        subset = self.store.matching(filters) if filters else None
-        probe = None if mode == "text" else self._probe(image, aligned)
-        if mode == "image":
-            vec = self.models.face.embed([probe.crop])  # type: ignore[union-attr]
-            ranked = self._ranked(self._index(FACE), vec, k, subset)
-        elif mode == "text":
-            vec = self._need_tgfr(mode).caption_vectors([caption])
-            ranked = self._ranked(self._index(ALIGNED), vec, k, subset)
-        else:
-            runtime = self._need_tgfr(mode)
-            vectors, norms = runtime.embed([probe.crop], [caption])  # type: ignore[union-attr]
-            probe.quality.norm = float(norms[0])  # type: ignore[union-attr]
-            if mode == "fused":
-                ranked = self._ranked(self._index(FUSED), vectors[FUSED], k, subset)
-            else:
-                ranked = self._refined(runtime, vectors[FACE], caption or "", k, subset)
-        matches = self._matches(ranked, mode, caption, probe, far)
-        self.audit.record(
-            "search",
+        result = self.query_batch(
+            [image],
+            captions=[caption],
             mode=mode,
             k=k,
-            filters=dict(filters or {}),
-            caption=caption,
-            results=[m.identity for m in matches],
-        )
-        return matches
+            aligned=aligned,
+            filters=filters,
+            far=far,
+        )[0]
+        if isinstance(result, TGFRError):
+            raise result
+        return result
+
+    def query_batch(
+        self,
+        images: Sequence[ImageLike | None],
+        *,
+        captions: Sequence[str | None] | None = None,
+        mode: str = "auto",
+        k: int = 10,
+        aligned: bool = False,
+        filters: Mapping[str, Any] | None = None,
+        far: float | None = None,
+    ) -> list[Matches | TGFRError]:
+        """`query` for many probes at once: decoding, detection, encoders and search batched.
+
+        A probe that cannot be searched (unreadable, no face) gets its error in its place.
+        """
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        caps = list(captions) if captions is not None else [None] * len(images)
+        if len(caps) != len(images):
+            raise ValueError("give one caption (or None) per probe")
+        modes = [self._resolve_mode(mode, im, c) for im, c in zip(images, caps)]
+        subset = self.store.matching(filters) if filters else None
+        with_image = [i for i, m in enumerate(modes) if m != "text"]
+        probes: list[Probe | TGFRError | None] = [None] * len(images)
+        for i, p in zip(with_image, self._probes([images[i] for i in with_image], aligned)):
+            probes[i] = p
+        results: list[Matches | TGFRError] = [
+            p if isinstance(p, TGFRError) else Matches(mode=modes[i], faces_found=0)
+            for i, p in enumerate(probes)
+        ]
+        for m in sorted(set(modes)):
+            rows = [
+                i
+                for i in range(len(images))
+                if modes[i] == m and not isinstance(probes[i], TGFRError)
+            ]
+            if rows:
+                for i, ranked, extra in self._search(m, rows, probes, caps, k, subset):
+                    results[i] = self._matches(ranked, m, probes[i], extra, far)  # type: ignore[arg-type]
+        for i, r in enumerate(results):
+            self.audit.record(
+                "search",
+                mode=modes[i],
+                k=k,
+                filters=dict(filters or {}),
+                caption=caps[i],
+                results=[x.identity for x in r] if isinstance(r, Matches) else None,
+                error=str(r) if isinstance(r, TGFRError) else None,
+            )
+        return results
+
+    def _search(
+        self,
+        mode: str,
+        rows: list[int],
+        probes: Sequence[Probe | TGFRError | None],
+        captions: Sequence[str | None],
+        k: int,
+        subset: np.ndarray | None,
+    ) -> Iterator[tuple[int, list[tuple[float, FaceInfo]], dict[str, np.ndarray]]]:
+        """Search one mode's probes together; yields (row, ranked faces, probe vectors)."""
+        crops = [probes[i].crop for i in rows]  # type: ignore[union-attr]
+        caps = [captions[i] for i in rows]
+        vecs: dict[str, np.ndarray] = {}
+        runtime = self.tgfr if mode != "image" else None
+        if mode == "image":
+            vecs[FACE] = self.models.face.embed(crops)
+        elif mode == "text":
+            runtime = self._need_tgfr(mode)
+        else:
+            runtime = self._need_tgfr(mode)
+            out, norms = runtime.embed(crops, caps)
+            vecs.update(out)
+            for i, n in zip(rows, norms):
+                probes[i].quality.norm = float(n)  # type: ignore[union-attr]
+        if runtime is not None and any(c and c.strip() for c in caps):
+            vecs["text"] = runtime.caption_vectors([c or "" for c in caps])
+        if mode == "image":
+            ranked = self._ranked(self._index(FACE), vecs[FACE], k, subset)
+        elif mode == "text":
+            ranked = self._ranked(self._index(ALIGNED), vecs["text"], k, subset)
+        elif mode == "fused":
+            ranked = self._ranked(self._index(FUSED), vecs[FUSED], k, subset)
+        else:
+            ranked = self._refined(runtime, vecs[FACE], vecs["text"], k, subset)
+        for n, i in enumerate(rows):
+            yield i, ranked[n], {name: v[n] for name, v in vecs.items()}
 
     def _ranked(
-        self, index: _SpaceIndex, vec: np.ndarray, k: int, subset: np.ndarray | None
-    ) -> list[tuple[float, FaceInfo]]:
-        """The best face of each of the top-k identities: (score, face), best first."""
+        self, index: _SpaceIndex, vecs: np.ndarray, k: int, subset: np.ndarray | None
+    ) -> list[list[tuple[float, FaceInfo]]]:
+        """Per query row, the best face of each of the top-k identities, best first."""
         total = len(index.sync()) if subset is None else len(subset)
         want = min(total, 4 * k)
-        best: dict[str, tuple[float, FaceInfo]] = {}
-        while want > 0:  # widen until k distinct identities, or everything was seen
-            scores, ids = index.search(vec, want, subset)
-            hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-            info = self.store.face_info([i for _, i in hits])
-            best = {}
-            for s, i in hits:
-                if i in info and info[i].identity not in best:
-                    best[info[i].identity] = (s, info[i])
-            if len(best) >= k or want >= total:
-                break
-            want = min(total, want * 4)
-        return sorted(best.values(), key=lambda t: -t[0])[:k]
+        out: list[list[tuple[float, FaceInfo]]] = [[] for _ in range(len(vecs))]
+        todo = list(range(len(vecs)))
+        while todo and want > 0:  # widen until k distinct identities, or everything was seen
+            scores, ids = index.search(vecs[todo], want, subset)
+            info = self.store.face_info(sorted({int(i) for i in ids.ravel() if i >= 0}))
+            again = []
+            for row, sc, hit in zip(todo, scores, ids):
+                best: dict[str, tuple[float, FaceInfo]] = {}
+                for s, i in zip(sc, hit):
+                    f = info.get(int(i))
+                    if f is not None and f.identity not in best:
+                        best[f.identity] = (float(s), f)
+                out[row] = sorted(best.values(), key=lambda t: -t[0])[:k]
+                if len(best) < k and want < total:
+                    again.append(row)
+            todo, want = again, min(total, want * 4)
+        return out
 
     def _refined(
         self,
         runtime: Any,
-        face_vec: np.ndarray,
-        caption: str,
+        face_vecs: np.ndarray,
+        caption_vecs: np.ndarray,
         k: int,
         subset: np.ndarray | None,
-    ) -> list[tuple[float, FaceInfo]]:
+    ) -> list[list[tuple[float, FaceInfo]]]:
         """Image-mode candidates re-ranked by face score plus weighted caption-to-face score."""
         params = runtime.summary.get("refine", {})
-        shortlist = self._ranked(
-            self._index(FACE), face_vec, max(k, int(params.get("k", 100))), subset
-        )
-        if not shortlist:
-            return []
-        ids = [f.face_id for _, f in shortlist]
-        aligned = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED])
-        text = aligned @ runtime.caption_vectors([caption])[0]
-        w = float(params.get("weight", 0.1))
-        scored = [(s + w * float(t), f) for (s, f), t in zip(shortlist, text)]
-        return sorted(scored, key=lambda t: -t[0])[:k]
+        wide = max(k, int(params.get("k", 100)))
+        weight = float(params.get("weight", 0.1))
+        out = []
+        for shortlist, cap in zip(
+            self._ranked(self._index(FACE), face_vecs, wide, subset), caption_vecs
+        ):
+            ids = [f.face_id for _, f in shortlist]
+            text = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED]) @ cap
+            scored = [(s + weight * float(t), f) for (s, f), t in zip(shortlist, text)]
+            out.append(sorted(scored, key=lambda t: -t[0])[:k])
+        return out
 
     def _matches(
         self,
         ranked: list[tuple[float, FaceInfo]],
         mode: str,
-        caption: str | None,
         probe: Probe | None,
+        probe_vecs: dict[str, np.ndarray],
         far: float | None,
     ) -> Matches:
         """Results with every score that applies (face, text, fused) and a decision."""
         ids = [f.face_id for _, f in ranked]
         extra: dict[str, np.ndarray] = {}
-        runtime = self.tgfr if ids else None
-        if probe is not None and ids:
-            face = self.store.vectors_of(FACE, ids, dim=self.models.face.dim)
-            extra["face"] = face @ self.models.face.embed([probe.crop])[0]
-        if runtime is not None and caption and caption.strip():
-            aligned = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED])
-            extra["text"] = aligned @ runtime.caption_vectors([caption])[0]
+        if ids and FACE in probe_vecs:
+            stored = self.store.vectors_of(FACE, ids, dim=self.models.face.dim)
+            extra["face"] = stored @ probe_vecs[FACE]
+        if ids and "text" in probe_vecs:
+            runtime = self.tgfr
+            stored = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED])
+            extra["text"] = stored @ probe_vecs["text"]
         threshold = self.threshold(mode, far)
         results = []
         for r, (score, f) in enumerate(ranked):
@@ -768,7 +864,17 @@ class SearchEngine:
             faces_found=0 if probe is None else probe.faces,
             quality=None if probe is None else probe.quality,
             threshold=threshold,
+            probe_crop=None if probe is None else probe.crop,
         )
+
+    def contact_sheet(
+        self, matches: Matches, path: str | os.PathLike[str], caption: str | None = None
+    ) -> Path:
+        """Write a PNG of the probe (and caption), then each match's face, scores, decision."""
+        from tgfr_search.sheet import contact_sheet
+
+        crops = self.store.crops_of([m.face_id for m in matches])
+        return contact_sheet(matches.probe_crop, caption, matches, crops, path)
 
     def threshold(self, mode: str, far: float | None = None) -> float | None:
         """The calibrated score threshold of a mode at a false accept rate (default 1e-3)."""
@@ -787,8 +893,11 @@ class SearchEngine:
         self, a: ImageLike, b: ImageLike, *, aligned: bool = False, far: float | None = None
     ) -> Verification:
         """1:1 comparison of two images' most prominent faces (ArcFace cosine similarity)."""
-        pa, pb = self._probe(a, aligned), self._probe(b, aligned)
-        va, vb = self.models.face.embed([pa.crop, pb.crop])
+        pa, pb = self._probes([a, b], aligned)
+        for p in (pa, pb):
+            if isinstance(p, TGFRError):
+                raise p
+        va, vb = self.models.face.embed([pa.crop, pb.crop])  # type: ignore[union-attr]
         score = float(va @ vb)
         threshold = self.threshold("image", far)
         decision = None if threshold is None else score >= threshold

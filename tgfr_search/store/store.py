@@ -290,6 +290,14 @@ class Store:
                 out[n] = np.frombuffer(rows[face_id], dtype="<f4")
         return out
 
+    def crops_of(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The stored PNG crops of the given faces."""
+        with self._session() as s:
+            rows = s.execute(
+                select(Face.id, Face.crop).where(Face.id.in_([int(i) for i in ids]))
+            ).all()
+        return {r[0]: r[1] for r in rows}
+
     def caption_fraction(self) -> float:
         """The share of faces enrolled with a caption (0 for an empty gallery)."""
         with self._session() as s:
