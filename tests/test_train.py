@@ -72,7 +72,13 @@ class FakeCache:
         self.variants = ["L0", "L1", "L2", "L3", "aug0"]
         self._face = {}
         for v in self.variants:
-            sel = train_rows if v.startswith("aug") else np.arange(n)
+            # As the real cache: train rows get L0 + augmentation copies, val/test every level.
+            if v.startswith("aug"):
+                sel = train_rows
+            elif v == "L0":
+                sel = np.arange(n)
+            else:
+                sel = np.array([i for i, r in enumerate(rows) if r["split"] in ("val", "test")])
             noise = {"L0": 0.3, "L1": 0.6, "L2": 1.0, "L3": 1.6, "aug0": 1.2}[v]
             g = np.stack([centre[rows[i]["identity"]] for i in sel])
             g = g + noise * rng.normal(size=g.shape)

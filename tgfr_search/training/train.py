@@ -140,7 +140,6 @@ class _TrainData:
         self.person_keys = np.array(sorted(self.people), dtype=np.int64)
 
         variants = [v for v in cache.variants if v == "L0" or v in DEGRADED or v.startswith("aug")]
-        self.variants = variants
         self.globals: dict[str, torch.Tensor] = {}
         self.norms: dict[str, torch.Tensor] = {}
         self.regions: dict[str, torch.Tensor] = {}
@@ -152,6 +151,8 @@ class _TrainData:
             lookup[image] = np.arange(image.size)
             pos = lookup[self.rows_idx]
             ok = pos >= 0
+            if not ok.any():  # e.g. fixed levels cached for val/test only
+                continue
             self.present[v] = ok
             safe = np.where(ok, pos, 0)
             self.globals[v] = torch.as_tensor(np.asarray(face.globals[safe], np.float32))
@@ -172,8 +173,11 @@ class _TrainData:
             else None
         )
         self.sentence = torch.as_tensor(np.asarray(text.sentence[used], np.float32))
+        self.variants = [v for v in variants if v in self.present]
         self.device = device
-        norms_all = torch.cat([self.norms[v][torch.as_tensor(self.present[v])] for v in variants])
+        norms_all = torch.cat(
+            [self.norms[v][torch.as_tensor(self.present[v])] for v in self.variants]
+        )
         self.norm_mean = float(norms_all.mean())
         self.norm_std = float(norms_all.std().clamp_min(1e-3))
 
