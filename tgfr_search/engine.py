@@ -843,7 +843,7 @@ class SearchEngine:
         results = []
         for r, (score, f) in enumerate(ranked):
             scores = {name: round(float(v[r]), 6) for name, v in extra.items()}
-            scores[mode] = round(score, 6)
+            scores["face" if mode == "image" else mode] = round(score, 6)
             decision = None if threshold is None else bool(score >= threshold)
             results.append(
                 Match(
