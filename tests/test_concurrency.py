@@ -111,11 +111,6 @@ def test_second_writer_fails_with_a_clear_message(people, tmp_path: Path) -> Non
         assert third.enroll(crop, identity="third writer", aligned=True)
 
 
-@pytest.mark.xfail(
-    reason="SearchEngine.__init__ takes the write lock to open the store, so a reader cannot "
-    "even open the engine while an enrollment runs (it waits, then raises LockTimeout)",
-    strict=True,
-)
 def test_reader_opens_and_queries_while_a_writer_holds_the_lock(people, tmp_path) -> None:
     db = tmp_path / "db"
     name, crops = people[0]

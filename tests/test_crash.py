@@ -350,11 +350,6 @@ def small_gallery(lfw: Path, raw_people, tmp_path_factory) -> Gallery:
     return _link_gallery(root, {p.name: sorted(p.glob("*.jpg"))[:3] for p in people[:6]}, True)
 
 
-@pytest.mark.xfail(
-    reason="pysqlite runs Alembic's DDL outside a transaction: a kill mid-migration leaves a "
-    "half-made schema and every later open fails with 'table identities already exists'",
-    strict=True,
-)
 def test_kill_during_schema_creation_leaves_an_openable_engine(small_gallery, tmp_path) -> None:
     db = tmp_path / "db"
     died = _killed_at("create_table:faces", "--db", str(db), "info")

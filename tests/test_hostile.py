@@ -296,11 +296,6 @@ def test_unreadable_file(baseline, engine, db, tmp_path: Path) -> None:
     assert_intact(engine, baseline)
 
 
-@pytest.mark.xfail(
-    reason="scan_gallery lists an unreadable identity folder unguarded: PermissionError "
-    "aborts the whole enrollment (a traceback from the CLI) instead of a skip entry",
-    strict=True,
-)
 def test_unreadable_identity_folder(baseline, engine, db, tmp_path: Path) -> None:
     g = gallery(
         tmp_path / "g",
@@ -350,11 +345,6 @@ def test_symlinks_followed_dangling_and_loops_reported(baseline, engine, db, tmp
     assert_intact(engine, baseline)
 
 
-@pytest.mark.xfail(
-    reason="scan_gallery drops an identity folder that is a dangling or looping link "
-    "without a word (it only reports loose image files)",
-    strict=True,
-)
 def test_identity_folder_links(baseline, engine, tmp_path: Path) -> None:
     real = gallery(tmp_path / "elsewhere", {"real": baseline.stranger_photos[:1]}) / "real"
     g = tmp_path / "g"
@@ -398,12 +388,6 @@ def test_unicode_and_spaces_in_paths(baseline, engine, db, tmp_path: Path) -> No
     assert_intact(engine, baseline)
 
 
-@pytest.mark.xfail(
-    reason="sqlite_url pastes the path into a URL unquoted: a '?' starts a query string, so "
-    "'cam?1' and 'cam?2' share one database file 'cam' outside both folders, and '%20' is "
-    "decoded to a space",
-    strict=True,
-)
 def test_url_characters_in_the_engine_path(baseline, tmp_path: Path) -> None:
     photo = baseline.stranger_photos[0]
     with SearchEngine(tmp_path / "cam?1") as one, SearchEngine(tmp_path / "50%20off") as two:
@@ -416,11 +400,6 @@ def test_url_characters_in_the_engine_path(baseline, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["50%20off", "cam?1", "cam?2"]
 
 
-@pytest.mark.xfail(
-    reason="a file name that is not valid UTF-8 reaches SQLite as a str with surrogates: "
-    "UnicodeEncodeError aborts the whole enrollment, the good files of the batch included",
-    strict=True,
-)
 def test_file_name_not_valid_utf8(baseline, engine, tmp_path: Path) -> None:
     g = gallery(tmp_path / "g", {baseline.stranger: baseline.stranger_photos[:1]})
     # A name written on a Latin-1 system: "café.jpg" with é as the single byte 0xE9.
@@ -546,11 +525,6 @@ def _sidecar(text: str):
     return lambda db: (db / "index-face.json").write_text(text)
 
 
-_XFAIL_SIDECAR = pytest.mark.xfail(
-    reason="_SpaceIndex._load reads the sidecar's fields outside its try (or misses "
-    "TypeError): a sidecar of the wrong shape crashes every query instead of a rebuild",
-    strict=True,
-)
 DAMAGE = {
     "index-garbage": (
         lambda db: (db / "index-face.faiss").write_bytes(b"\x00garbage" * 100),
@@ -574,21 +548,9 @@ DAMAGE = {
     "sidecar-null": (_sidecar("null"), "unreadable"),
     "sidecar-bad-generation": (_sidecar('{"generation": "x", "count": 4}'), "unreadable"),
 }
-_XFAIL_MISSING = pytest.mark.xfail(
-    reason="a missing index-face.faiss beside its sidecar is reported as 'unreadable' with "
-    "faiss's C++ error text, not as missing",
-    strict=True,
-)
 
 
-_DAMAGE_MARKS = {
-    "index-missing": _XFAIL_MISSING,
-    "sidecar-null": _XFAIL_SIDECAR,
-    "sidecar-bad-generation": _XFAIL_SIDECAR,
-}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_DAMAGE_MARKS.get(c, ())) for c in DAMAGE])
+@pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_or_missing_index_is_rebuilt_with_a_warning(case, baseline, db) -> None:
     damage, word = DAMAGE[case]
     damage(db)
@@ -613,11 +575,6 @@ def test_damaged_or_missing_index_is_rebuilt_with_a_warning(case, baseline, db) 
         assert engine.warnings == []
 
 
-@pytest.mark.xfail(
-    reason="the first enrollment into a new engine warns 'index file index-face.faiss missing; "
-    "rebuilt from the database': the index is first read after the first batch is stored",
-    strict=True,
-)
 def test_new_engine_has_no_warning(baseline, tmp_path: Path) -> None:
     with SearchEngine(tmp_path / "new") as engine:
         engine.enroll(baseline.stranger_photos[0], identity=baseline.stranger)

@@ -246,23 +246,24 @@ class _SpaceIndex:
         self._lock = threading.RLock()
 
     def _load(self) -> None:
+        missing = [p.name for p in (self.path, self.meta_path) if not p.exists()]
+        if missing:
+            if self.store.generation() > 0:
+                self.rebuilt_because = f"index file {missing[0]} missing; rebuilt from the database"
+            return
         try:
             meta = json.loads(self.meta_path.read_text())
+            generation, count = int(meta["generation"]), int(meta["count"])
             index = FaissFlatIndex.load(self.path)
-            if index.dim != self.dim or len(index) != meta["count"]:
+            if index.dim != self.dim or len(index) != count:
                 raise ValueError("size mismatch")
-        except FileNotFoundError:
-            if self.store.generation() > 0:
-                self.rebuilt_because = (
-                    f"index file {self.path.name} missing; rebuilt from the database"
-                )
-            return
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
+        except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
             self.rebuilt_because = (
-                f"index file {self.path.name} unreadable ({e}); rebuilt from the database"
+                f"index file {self.path.name} unreadable ({why}); rebuilt from the database"
             )
             return
-        self.index, self.generation = index, int(meta["generation"])
+        self.index, self.generation = index, generation
 
     def sync(self) -> FaissFlatIndex:
         """Bring the index up to the store's generation: add new faces, or rebuild after deletes."""
@@ -344,8 +345,8 @@ class SearchEngine:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = FileLock(str(self.path / "write.lock"), timeout=lock_timeout)
-        with self._write_lock():  # two processes must not both create the schema
-            self.store = Store(sqlite_url(self.path / "metadata.db"))
+        # Only creating or upgrading the schema takes the write lock: readers open at once.
+        self.store = Store(sqlite_url(self.path / "metadata.db"), migration_lock=self._write_lock)
         self._models_spec = (models, None if model_dir is None else str(model_dir))
         self._tgfr_spec = tgfr
         self._models: Any = None
@@ -492,6 +493,8 @@ class SearchEngine:
         report = EnrollReport()
         _ = self.models, self.tgfr  # load and check the models before taking the lock
         with self._write_lock(), ThreadPoolExecutor(max_workers=2) as pool:
+            for space in self._spaces():  # read the saved indexes before this run adds faces
+                self._index(space).sync()
             pending: list[Future[_Decoded]] | None = None
             for chunk in _chunks(items, batch_size):
                 nxt = [pool.submit(_decode, it) for it in chunk]
@@ -995,11 +998,24 @@ def scan_gallery(
     problems: list[Skipped] = []
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
-            if entry.suffix.lower() in IMAGE_SUFFIXES:
+            if entry.is_symlink():  # a linked identity folder that leads nowhere
+                problems.append(Skipped(str(entry), "dangling or looping symlink"))
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 problems.append(Skipped(str(entry), "not inside an <identity>/ folder"))
             continue
-        for file in sorted(entry.iterdir()):
+        try:
+            files = sorted(entry.iterdir())
+        except OSError as e:
+            problems.append(Skipped(str(entry), f"cannot read folder: {e.strerror or e}"))
+            continue
+        for file in files:
             if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                str(file).encode("utf-8")
+            except UnicodeEncodeError:  # bytes from another locale: SQLite and JSON take UTF-8 only
+                shown = os.fsencode(file).decode("utf-8", "backslashreplace")
+                problems.append(Skipped(shown, "file name is not valid UTF-8; rename it"))
                 continue
             if not file.is_file():  # links are followed; False for dangling links and loops
                 why = "dangling or looping symlink" if file.is_symlink() else "not a regular file"

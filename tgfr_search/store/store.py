@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy import Engine, create_engine, delete, event, func, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tgfr_search.errors import NotFound
@@ -64,13 +66,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
+    # Quoted: a '?' would start a query string (another file!) and '%20' would turn into a space.
+    return f"sqlite:///{urllib.parse.quote(str(path))}"
 
 
 def make_engine(url: str) -> Engine:
     """A SQLAlchemy engine with the pragmas tgfr-search relies on for SQLite."""
     if url.startswith("sqlite:///"):
-        db_file = Path(url.removeprefix("sqlite:///"))
+        db_file = Path(make_url(url).database or "")
         if not db_file.exists():
             # Create it readable by the owner only before SQLite opens it.
             fd = os.open(db_file, os.O_CREAT | os.O_WRONLY, 0o600)
@@ -82,13 +85,17 @@ def make_engine(url: str) -> Engine:
 
 
 def upgrade_schema(engine: Engine) -> None:
-    """Create or upgrade the schema to the newest Alembic revision."""
+    """Create or upgrade the schema to the newest Alembic revision, all or nothing."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", _migrations_dir())
     with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            # pysqlite runs DDL outside any transaction: a kill mid-migration would leave half a
+            # schema that no later open can upgrade. An explicit BEGIN makes it all or nothing.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -129,11 +136,20 @@ def _as_blob(vector: np.ndarray) -> bytes:
 class Store:
     """Identities, faces, captions, metadata and vectors in one SQL database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        migration_lock: Callable[
+            [], contextlib.AbstractContextManager[Any]
+        ] = contextlib.nullcontext,
+    ) -> None:
         self.url = url
         self.engine = make_engine(url)
         if schema_revision(self.engine) != head_revision():
-            upgrade_schema(self.engine)
+            with migration_lock():  # checked again: another process may have just migrated
+                if schema_revision(self.engine) != head_revision():
+                    upgrade_schema(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
