@@ -451,6 +451,182 @@ def data_lfw(lfw_dir: Path, out: Path, no_ethnicity: bool, seed: int, as_json: b
         )
 
 
+DEFAULT_LFW = "../shared/datasets/lfw"
+lfw_option = click.option(
+    "--lfw",
+    envvar="TGFR_LFW",
+    default=DEFAULT_LFW,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder the manifest's image paths are relative to (env TGFR_LFW).",
+)
+manifest_option = click.option(
+    "--manifest",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A manifest written by `tgfr-search data lfw`.",
+)
+
+
+def _cache(manifest: Path, lfw: Path, cache: Path) -> Any:
+    """The frozen-feature cache of a manifest: built once (minutes), then reused."""
+    from tgfr_search.training.features import build_cache
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            _stderr(f"features {stage}: {done}/{total}")
+
+    return build_cache(manifest, lfw, cache, progress=progress)
+
+
+@cli.command()
+@manifest_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Checkpoint folder to write (model.safetensors + config.json).",
+)
+@lfw_option
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Feature cache folder [OUT/features].",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--stages",
+    type=click.Choice(["two", "joint"]),
+    default="two",
+    show_default=True,
+    help="Align then fuse (the paper), or both at once.",
+)
+@click.option(
+    "--ablation",
+    type=click.Choice(["global_only", "no_wrcl"]),
+    help="Train an ablation instead of the full model.",
+)
+@click.option("--epochs", type=int, help="Override the number of epochs.")
+@click.option("--seed", default=0, show_default=True)
+@json_option
+@_library_errors
+def train(
+    manifest: Path,
+    out: Path,
+    lfw: Path,
+    cache: Path | None,
+    device: str,
+    stages: str,
+    ablation: str | None,
+    epochs: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Train the TGFR heads on a manifest's train people; select on val (ignores --db)."""
+    from tgfr_search.training.train import train as run_training
+
+    features = _cache(manifest, lfw, cache or out / "features")
+    summary = run_training(
+        features,
+        out,
+        device=device,
+        stages=stages,
+        ablation=ablation,
+        epochs=epochs,
+        seed=seed,
+        fingerprints=features.meta.get("fingerprints"),
+        progress=None if as_json else _stderr,
+    )
+    if as_json:
+        _emit(summary)
+    else:
+        click.echo(f"saved {out}: {json.dumps(summary.get('val', summary), default=str)}")
+
+
+@cli.command()
+@manifest_option
+@lfw_option
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Feature cache folder [next to the manifest: <manifest>.features].",
+)
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option(
+    "--level",
+    type=click.IntRange(0, 3),
+    default=0,
+    show_default=True,
+    help="Probe degradation level of the low-quality protocol.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["image", "fused", "score"]),
+    default="image",
+    show_default=True,
+    help="image: ArcFace; fused: TGFR; score: score-level fusion.",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="TGFR checkpoint [the one shipped in the package].",
+)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="ROC curves PNG.")
+@click.option(
+    "--by",
+    type=click.Choice(["gender", "age", "ethnicity"]),
+    help="Add false match / non-match rates per group at FAR 1e-3.",
+)
+@click.option(
+    "--open-set",
+    "open_set",
+    type=float,
+    default=0.0,
+    help="Leave this fraction of test people out of the gallery; report FNIR@FPIR.",
+)
+@json_option
+@_library_errors
+def evaluate(
+    manifest: Path,
+    lfw: Path,
+    cache: Path | None,
+    split: str,
+    level: int,
+    mode: str,
+    model_dir: Path | None,
+    plot: Path | None,
+    by: str | None,
+    open_set: float,
+    as_json: bool,
+) -> None:
+    """Identification and verification on held-out people (ignores --db)."""
+    from tgfr_search.models.fusion import default_checkpoint
+    from tgfr_search.training.evaluate import evaluate as run_evaluation
+
+    features = _cache(manifest, lfw, cache or manifest.with_suffix(".features"))
+    doc = run_evaluation(
+        features,
+        split=split,
+        level=level,
+        mode=mode,
+        model=model_dir or default_checkpoint(),
+        plot=plot,
+        by=by,
+        lfw_root=lfw,
+        open_set=open_set,
+    )
+    if as_json:
+        _emit(doc)
+    else:
+        tar = ", ".join(f"{k} {v:.4f}" for k, v in doc["tar_at_far"].items())
+        click.echo(
+            f"{split} L{level} {mode}: rank-1 {doc['rank1']:.4f}, rank-5 {doc['rank5']:.4f}, "
+            f"TAR@FAR {tar}, EER {doc['eer']:.4f} ({doc['n_probes']} probes, "
+            f"{doc['n_gallery']} gallery)"
+        )
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

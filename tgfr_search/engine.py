@@ -298,6 +298,8 @@ class _SpaceIndex:
         """Write the index, then the sidecar naming the generation it holds (both atomic)."""
         with self._lock:
             index = self._sync()
+            for stale in self.path.parent.glob(f"{self.path.name}*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a writer killed mid-save
             index.save(self.path)
             tmp = self.meta_path.with_suffix(".json.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -373,7 +375,7 @@ class SearchEngine:
             self._lock.acquire()
         except FileLockTimeout as e:
             raise LockTimeout(
-                f"another process is writing to {self.path} (waited {self._lock.timeout:.0f}s); "
+                f"another process is writing to {self.path} (waited {self._lock.timeout:g}s); "
                 "try again when it finishes"
             ) from e
         try:
