@@ -6,8 +6,6 @@ import re
 import stat
 from pathlib import Path
 
-import pytest
-
 from tgfr_search import EnrollItem
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tgfr_search"
