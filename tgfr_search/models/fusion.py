@@ -70,9 +70,13 @@ class TGFRRuntime:
             image = self.model.encode_image(
                 t.from_numpy(globals_), t.from_numpy(norms), t.from_numpy(regions)
             )
-            has = t.tensor([bool(c and c.strip()) for c in captions])
-            text = self._text_parts([c if c and c.strip() else "" for c in captions])
-            fused = self.model.fuse(image, text, has_text=has)
+            texts = [c if c and c.strip() else "" for c in captions]
+            # Each distinct caption is encoded once (a gallery without captions: just "").
+            distinct = sorted(set(texts))
+            pos = {x: i for i, x in enumerate(distinct)}
+            where = t.tensor([pos[x] for x in texts])
+            text = {k: v[where] for k, v in self._text_parts(distinct).items()}
+            fused = self.model.fuse(image, text, has_text=t.tensor([bool(x) for x in texts]))
         out = {"face": globals_, FUSED: fused.numpy(), ALIGNED: image["global"].numpy()}
         return out, norms
 
