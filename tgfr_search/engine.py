@@ -29,7 +29,7 @@ from tgfr_search.errors import (
     TGFRError,
 )
 from tgfr_search.images import content_hash, load_image
-from tgfr_search.index import FaissFlatIndex
+from tgfr_search.index import VectorIndex, build_index, load_index, needs_rebuild
 from tgfr_search.store import FaceInfo, NewFace, Store, sqlite_url
 from tgfr_search.store.store import DELETE_GENERATION
 
@@ -239,7 +239,7 @@ class _SpaceIndex:
         self.store, self.space, self.dim = store, space, dim
         self.path = directory / f"index-{space}.faiss"
         self.meta_path = directory / f"index-{space}.json"
-        self.index: FaissFlatIndex | None = None
+        self.index: VectorIndex | None = None
         self.generation = -1
         self.rebuilt_because: str | None = None
         # Searches and catch-ups of one engine may come from many threads.
@@ -254,7 +254,7 @@ class _SpaceIndex:
         try:
             meta = json.loads(self.meta_path.read_text())
             generation, count = int(meta["generation"]), int(meta["count"])
-            index = FaissFlatIndex.load(self.path)
+            index = load_index(self.path)
             if index.dim != self.dim or len(index) != count:
                 raise ValueError("size mismatch")
         except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
@@ -265,7 +265,7 @@ class _SpaceIndex:
             return
         self.index, self.generation = index, generation
 
-    def sync(self) -> FaissFlatIndex:
+    def sync(self) -> VectorIndex:
         """Bring the index up to the store's generation: add new faces, or rebuild after deletes."""
         with self._lock:
             return self._sync()
@@ -276,7 +276,7 @@ class _SpaceIndex:
         with self._lock:
             return self._sync().search(queries, k, subset)
 
-    def _sync(self) -> FaissFlatIndex:
+    def _sync(self) -> VectorIndex:
         if self.index is None and self.generation < 0:
             self._load()
         gen = self.store.generation()
@@ -284,15 +284,22 @@ class _SpaceIndex:
             return self.index
         deleted_at = int(self.store.get(DELETE_GENERATION, 0))
         if self.index is None or self.generation < deleted_at or self.generation > gen:
-            self.index = FaissFlatIndex(self.dim)
-            ids, vecs = self.store.vectors(self.space, dim=self.dim, up_to=gen)
+            self._rebuild(gen)
         else:
             ids, vecs = self.store.vectors(
                 self.space, dim=self.dim, after=self.generation, up_to=gen
             )
-        self.index.add(ids, vecs)
+            self.index.add(ids, vecs)
+            # The right kind of index changes with size (flat, then approximate).
+            if needs_rebuild(self.index) is not None:
+                self._rebuild(gen)
         self.generation = gen
+        assert self.index is not None
         return self.index
+
+    def _rebuild(self, generation: int) -> None:
+        ids, vecs = self.store.vectors(self.space, dim=self.dim, up_to=generation)
+        self.index = build_index(self.dim, ids, vecs)
 
     def save(self) -> None:
         """Write the index, then the sidecar naming the generation it holds (both atomic)."""
