@@ -53,7 +53,7 @@ class TGFRConfig:
     cross_dim: int = 128
     heads: int = 4
     ffn_dim: int = 512
-    dropout: float = 0.1
+    dropout: float = 0.2
     ngrams: tuple[int, ...] = (1, 2, 3)
     use_regions: bool = True
     """False: the global-only ablation (no regions, no words, no cross-attention)."""
@@ -265,6 +265,20 @@ class TGFR(nn.Module):
         parts += [q, torch.tanh(q)]
         return self.cross(torch.cat(parts, dim=1))
 
+    def fuse_parts(
+        self, image: dict[str, Tensor], text: dict[str, Tensor], has_text: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The face part (B, face_dim) and the unit cross part (B, cross_dim), zero without text."""
+        cross = _l2(self.cross_part(image, text))
+        if has_text is not None:
+            cross = cross * has_text.to(cross.dtype)[:, None]
+        return image["face"], cross
+
+    def combine(self, face: Tensor, cross: Tensor, q: Tensor) -> Tensor:
+        """normalise([cos(theta(q)) * face, sin(theta(q)) * cross])."""
+        theta = self.mix_angle(q)[:, None]
+        return _l2(torch.cat([torch.cos(theta) * face, torch.sin(theta) * cross], dim=1))
+
     def fuse(
         self,
         image: dict[str, Tensor],
@@ -273,14 +287,11 @@ class TGFR(nn.Module):
     ) -> Tensor:
         """The fused, L2-normalised (B, face_dim + cross_dim) vector of image/text pairs.
 
-        `has_text` (B,) bool marks rows with a real caption; the others get a zero cross part.
+        `has_text` (B,) bool marks rows with a real caption; the others get a zero cross part,
+        so their fused vector is the face part alone.
         """
-        cross = _l2(self.cross_part(image, text))
-        theta = self.mix_angle(image["q"])[:, None]
-        if has_text is not None:
-            cross = cross * has_text.to(cross.dtype)[:, None]
-        fused = torch.cat([torch.cos(theta) * image["face"], torch.sin(theta) * cross], dim=1)
-        return _l2(fused)
+        face, cross = self.fuse_parts(image, text, has_text)
+        return self.combine(face, cross, image["q"])
 
     def forward(
         self,

@@ -38,6 +38,7 @@ __all__ = [
     "build_protocol",
     "evaluate",
     "fused_vectors",
+    "fusion_parts",
     "person_groups",
     "plot_roc",
     "score_matrix",
@@ -137,6 +138,61 @@ def caption_positions(cache: FeatureCache, rows_wanted: np.ndarray, caption: int
     return lookup[rows_wanted]
 
 
+def fusion_parts(
+    model: TGFR,
+    cache: FeatureCache,
+    variant: str,
+    rows_wanted: np.ndarray,
+    caption: int,
+    *,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Face part (N, 512), unit cross part (N, cross_dim; zero without caption) and quality q."""
+    import torch
+
+    face = cache.face(variant)
+    text = cache.text()
+    fpos = _positions(np.asarray(face.image, dtype=np.int64), rows_wanted, f"{variant} face")
+    tpos = caption_positions(cache, rows_wanted, caption)
+    faces, crosses, qs = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(rows_wanted), batch_size):
+            fp, tp = fpos[s : s + batch_size], tpos[s : s + batch_size]
+            has = tp >= 0
+            tsafe = np.where(has, tp, 0)
+            tmask = np.asarray(text.mask[tsafe])
+            length = max(int(tmask.sum(1).max(initial=1)), 1)  # drop all-padding positions
+            regions = (
+                torch.as_tensor(np.asarray(face.regions[fp]), dtype=torch.float32).to(device)
+                if model.config.use_regions
+                else None
+            )
+            img = model.encode_image(
+                torch.as_tensor(np.asarray(face.globals[fp]), dtype=torch.float32).to(device),
+                torch.as_tensor(np.asarray(face.norms[fp]), dtype=torch.float32).to(device),
+                regions,
+            )
+            txt = model.encode_text(
+                torch.as_tensor(np.asarray(text.tokens[tsafe][:, :length]), dtype=torch.float32).to(
+                    device
+                )
+                if model.config.use_regions
+                else None,
+                torch.as_tensor(tmask[:, :length]).to(device),
+                torch.as_tensor(np.asarray(text.sentence[tsafe]), dtype=torch.float32).to(device),
+            )
+            f, c = model.fuse_parts(img, txt, torch.as_tensor(has).to(device))
+            faces.append(f.float().cpu().numpy())
+            crosses.append(c.float().cpu().numpy())
+            qs.append(img["q"].float().cpu().numpy())
+    if not faces:
+        c = model.config
+        return np.zeros((0, c.face_dim)), np.zeros((0, c.cross_dim)), np.zeros(0)
+    return np.concatenate(faces), np.concatenate(crosses), np.concatenate(qs)
+
+
 def fused_vectors(
     model: TGFR,
     cache: FeatureCache,
@@ -150,30 +206,12 @@ def fused_vectors(
     """Fused TGFR vectors (N, D) of manifest rows at a feature variant with one caption each."""
     import torch
 
-    face = cache.face(variant)
-    text = cache.text()
-    fpos = _positions(np.asarray(face.image, dtype=np.int64), rows_wanted, f"{variant} face")
-    tpos = caption_positions(cache, rows_wanted, caption)
-    out = []
-    model.eval()
+    f, c, q = fusion_parts(
+        model, cache, variant, rows_wanted, caption, batch_size=batch_size, device=device
+    )
     with torch.no_grad():
-        for s in range(0, len(rows_wanted), batch_size):
-            fp, tp = fpos[s : s + batch_size], tpos[s : s + batch_size]
-            has = tp >= 0
-            tsafe = np.where(has, tp, 0)
-            img = model.encode_image(
-                torch.as_tensor(np.asarray(face.globals[fp]), dtype=torch.float32).to(device),
-                torch.as_tensor(np.asarray(face.norms[fp]), dtype=torch.float32).to(device),
-                torch.as_tensor(np.asarray(face.regions[fp]), dtype=torch.float32).to(device),
-            )
-            txt = model.encode_text(
-                torch.as_tensor(np.asarray(text.tokens[tsafe]), dtype=torch.float32).to(device),
-                torch.as_tensor(np.asarray(text.mask[tsafe])).to(device),
-                torch.as_tensor(np.asarray(text.sentence[tsafe]), dtype=torch.float32).to(device),
-            )
-            fused = model.fuse(img, txt, has_text=torch.as_tensor(has).to(device))
-            out.append(fused.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.fused_dim), np.float32)
+        out = model.combine(torch.as_tensor(f), torch.as_tensor(c), torch.as_tensor(q))
+    return out.numpy().astype(np.float32)
 
 
 def _face_globals(cache: FeatureCache, variant: str, rows_wanted: np.ndarray) -> np.ndarray:

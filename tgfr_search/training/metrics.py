@@ -85,12 +85,14 @@ def threshold_at_far(impostor: np.ndarray, far: float | Sequence[float]) -> np.n
     That is the impostor score at descending position floor(far * n): at most that many
     impostors lie strictly above it.
     """
-    imp = np.sort(np.asarray(impostor, dtype=np.float64).ravel())[::-1]
+    imp = np.asarray(impostor, dtype=np.float64).ravel()
     if imp.size == 0:
         raise ValueError("no impostor scores")
     fars = np.atleast_1d(np.asarray(far, dtype=np.float64))
     idx = np.clip(np.floor(fars * imp.size).astype(np.int64), 0, imp.size - 1)
-    out = imp[idx]
+    # Descending position idx is ascending position n - 1 - idx; partition beats a full sort.
+    asc = imp.size - 1 - idx
+    out = np.partition(imp, np.unique(asc))[asc]
     return float(out[0]) if np.ndim(far) == 0 else out
 
 
