@@ -82,10 +82,21 @@ class ArcFaceONNX:
     def __repr__(self) -> str:
         return f"ArcFaceONNX({self.model_path.name!r}, fingerprint={self.fingerprint!r})"
 
-    def embed(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Embed aligned crops (a sequence, or an N x H x W x 3 array) into (N, dim) unit rows."""
+    def blob(self, chunk: Sequence[np.ndarray]) -> np.ndarray:
+        """The network input for BGR crops (N, 3, H, W): RGB, scaled by the model's mean/std."""
+        # Same arithmetic as insightface's get_feat, so embeddings match theirs bit for bit.
         import cv2
 
+        return cv2.dnn.blobFromImages(
+            list(chunk),
+            1.0 / self.input_std,
+            self.input_size,
+            (self.input_mean, self.input_mean, self.input_mean),
+            swapRB=True,
+        )
+
+    def embed(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Embed aligned crops (a sequence, or an N x H x W x 3 array) into (N, dim) unit rows."""
         items = list(crops)
         width, height = self.input_size
         for i, crop in enumerate(items):
@@ -97,16 +108,8 @@ class ArcFaceONNX:
         out = np.empty((len(items), self.dim), dtype=np.float32)
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            # Same arithmetic as insightface's get_feat, so embeddings match theirs bit for bit.
-            blob = cv2.dnn.blobFromImages(
-                chunk,
-                1.0 / self.input_std,
-                self.input_size,
-                (self.input_mean, self.input_mean, self.input_mean),
-                swapRB=True,
-            )
             out[start : start + len(chunk)] = self.session.run(
-                [self.output_name], {self.input_name: blob}
+                [self.output_name], {self.input_name: self.blob(chunk)}
             )[0]
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out /= np.maximum(norms, 1e-12)

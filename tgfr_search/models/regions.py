@@ -107,8 +107,6 @@ class ArcFaceRegions(ArcFaceONNX):
         self, crops: Sequence[np.ndarray] | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return unit embeddings (N, dim), their raw norms (N,) and regions (N, R, C), float32."""
-        import cv2
-
         items = self._check(crops)
         n = len(items)
         regions_n, channels = self.region_shape
@@ -116,16 +114,8 @@ class ArcFaceRegions(ArcFaceONNX):
         regions = np.empty((n, regions_n, channels), dtype=np.float32)
         for start in range(0, n, self.batch_size):
             chunk = items[start : start + self.batch_size]
-            # The blob as ArcFaceONNX.embed makes it (insightface's get_feat arithmetic).
-            blob = cv2.dnn.blobFromImages(
-                chunk,
-                1.0 / self.input_std,
-                self.input_size,
-                (self.input_mean, self.input_mean, self.input_mean),
-                swapRB=True,
-            )
             feat, fmap = self.session.run(
-                [self.output_name, self.region_tensor], {self.input_name: blob}
+                [self.output_name, self.region_tensor], {self.input_name: self.blob(chunk)}
             )
             stop = start + len(chunk)
             emb[start:stop] = feat
