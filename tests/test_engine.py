@@ -11,8 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tgfr_search import EnrollItem, ModelMismatch, NoFaceFound, NotFound
-from tgfr_search.engine import ModeUnavailable
+from tgfr_search import EnrollItem, ModelMismatch, ModeUnavailable, NoFaceFound, NotFound
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from tgfr_search.errors import (
     LockTimeout,
     ModelFileError,
     ModelMismatch,
+    ModeUnavailable,
     NoFaceFound,
     TGFRError,
 )
@@ -42,10 +43,6 @@ ALIGNED = "aligned"
 DEFAULT_FAR = 1e-3
 
 ImageLike = Any  # a path, bytes, a PIL image or an RGB numpy array
-
-
-class ModeUnavailable(TGFRError, ValueError):
-    """A search mode that the loaded models or the gallery cannot serve."""
 
 
 @dataclass(frozen=True)

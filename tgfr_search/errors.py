@@ -36,3 +36,7 @@ class NotFound(TGFRError, KeyError):
 
 class LockTimeout(TGFRError, TimeoutError):
     """Another process holds the engine's write lock for longer than the timeout."""
+
+
+class ModeUnavailable(TGFRError, ValueError):
+    """A search mode that the loaded models or the gallery cannot serve."""
