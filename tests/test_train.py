@@ -225,3 +225,18 @@ def test_real_cache_image_mode_reference():
         assert (res["n_probes"], res["n_gallery"]) == (2268, 2533)
         assert abs(100 * res["rank1"] - r1) <= 1.0
         assert abs(100 * res["tar_at_far"]["0.001"] - tar) <= 1.0
+
+
+def test_hard_batches_hold_distinct_people(fake):
+    from tgfr_search.training.train import _TrainData
+
+    data = _TrainData(fake, use_regions=False, device="cpu")
+    rng = np.random.default_rng(0)
+    for hard in (0.0, 0.5, 1.0):
+        opts = TrainOptions(people_per_batch=10, hard_people=hard)
+        b = data.sample(rng, opts)
+        people = b["labels"].reshape(-1, 2)[:, 0]
+        assert (
+            len(set(people.tolist())) == 10 and (b["labels"].reshape(-1, 2)[:, 1] == people).all()
+        )
+        assert (b["cap_g"] != b["cap_p"]).all()

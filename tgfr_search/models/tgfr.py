@@ -185,8 +185,10 @@ class TGFR(nn.Module):
         )
         if c.face_residual:
             self.face_res = _Mlp(c.face_dim + 1, c.face_dim, c.face_dim, c.dropout)
-            nn.init.zeros_(self.face_res[-1].weight)
-            nn.init.zeros_(self.face_res[-1].bias)
+            last = self.face_res[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
             self.res_gate = nn.Parameter(torch.tensor([-2.0, -1.5]))  # bias, slope on q
         self.theta = nn.Parameter(torch.tensor(list(c.theta_init), dtype=torch.float32))
         # Learned temperature for the aligned-space score, CLIP-style (log of 1/tau).

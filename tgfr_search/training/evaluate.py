@@ -188,8 +188,8 @@ def fusion_parts(
             crosses.append(c.float().cpu().numpy())
             qs.append(img["q"].float().cpu().numpy())
     if not faces:
-        c = model.config
-        return np.zeros((0, c.face_dim)), np.zeros((0, c.cross_dim)), np.zeros(0)
+        cfg = model.config
+        return np.zeros((0, cfg.face_dim)), np.zeros((0, cfg.cross_dim)), np.zeros(0)
     return np.concatenate(faces), np.concatenate(crosses), np.concatenate(qs)
 
 

@@ -15,6 +15,7 @@ Conventions, shared by every function here:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import overload
 
 import numpy as np
 
@@ -60,6 +61,10 @@ def ranks(scores: np.ndarray, mate: np.ndarray) -> np.ndarray:
     return out
 
 
+@overload
+def rank_k(scores: np.ndarray, mate: np.ndarray, k: int = 1) -> float: ...
+@overload
+def rank_k(scores: np.ndarray, mate: np.ndarray, k: Sequence[int]) -> list[float]: ...
 def rank_k(scores: np.ndarray, mate: np.ndarray, k: int | Sequence[int] = 1) -> float | list[float]:
     """Fraction of mated probes whose mate ranks within the top k (a list for a list of k)."""
     scores, mate = _check(scores, mate)
@@ -213,7 +218,7 @@ def summarise(
     scores: np.ndarray, mate: np.ndarray, fars: Sequence[float] = FARS
 ) -> Mapping[str, object]:
     """rank1, rank5, TAR at each FAR (keys as strings, e.g. "0.001"), EER; fractions in [0, 1]."""
-    r1, r5 = rank_k(scores, mate, [1, 5])  # type: ignore[misc]
+    r1, r5 = rank_k(scores, mate, [1, 5])
     genuine, impostor = genuine_impostor(scores, mate)
     tars = tar_at_far(genuine, impostor, fars)
     return {

@@ -94,6 +94,7 @@ class TrainOptions:
     # probe view mix: weights of L1, L2, L3 and each augmentation copy (sum normalised)
     level_weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
     aug_weight: float = 1.0
+    hard_people: float = 0.0  # share (<= 0.5) of batch people drawn as face-nearest neighbours
     clean_probe_prob: float = 0.1  # sometimes the probe view is clean too (L0 behaviour)
     l0_tolerance: float = 0.003
     eval_every: int = 1
@@ -148,6 +149,7 @@ class _TrainData:
         if not self.people:
             raise TrainingError("no train person has two captioned images")
         self.person_keys = np.array(sorted(self.people), dtype=np.int64)
+        self.neighbours: dict[int, np.ndarray] | None = None
 
         variants = [v for v in cache.variants if v == "L0" or v in DEGRADED or v.startswith("aug")]
         self.globals: dict[str, torch.Tensor] = {}
@@ -184,6 +186,15 @@ class _TrainData:
         )
         self.sentence = torch.as_tensor(np.asarray(text.sentence[used], np.float32))
         self.variants = [v for v in variants if v in self.present]
+        # Each person's 10 nearest people by mean clean ArcFace embedding (for hard batches).
+        g0 = self.globals["L0"].numpy()
+        keys = self.person_keys
+        cent = np.stack([g0[self.people[int(k)]].mean(0) for k in keys])
+        cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+        sim = cent @ cent.T
+        np.fill_diagonal(sim, -np.inf)
+        near = np.argsort(-sim, axis=1)[:, :10]
+        self.neighbours = {int(k): keys[near[i]] for i, k in enumerate(keys)}
         self.device = device
         norms_all = torch.cat(
             [self.norms[v][torch.as_tensor(self.present[v])] for v in self.variants]
@@ -194,7 +205,22 @@ class _TrainData:
     def sample(self, rng: np.random.Generator, opts: TrainOptions) -> dict[str, Any]:
         """One P x K batch: image index, label, clean + probe variant, two captions each."""
         p = min(opts.people_per_batch, len(self.person_keys))
-        people = rng.choice(self.person_keys, size=p, replace=False)
+        n_hard = min(int(round(p * opts.hard_people)), p // 2) if self.neighbours else 0
+        seeds = rng.choice(self.person_keys, size=p - n_hard, replace=False)
+        chosen = list(dict.fromkeys(int(k) for k in seeds))
+        # Face-confusable people: text has to separate exactly these at low quality.
+        for k in seeds[:n_hard]:
+            if len(chosen) >= p or self.neighbours is None:
+                break
+            for nb in rng.permutation(self.neighbours[int(k)]):
+                if int(nb) not in chosen:
+                    chosen.append(int(nb))
+                    break
+        if len(chosen) < p:
+            taken = set(chosen)
+            rest = [int(k) for k in self.person_keys if int(k) not in taken]
+            chosen += rng.choice(rest, size=p - len(chosen), replace=False).tolist()
+        people = np.array(chosen[:p], dtype=np.int64)
         imgs: list[int] = []
         for k in people:
             pool = self.people[int(k)]
@@ -509,12 +535,12 @@ def train(
                     if opts.w_id_image > 0:
                         parts["id_img"] = opts.w_id_image * head_img(img["global"], lab2)
                     if use_wrcl:
-                        k = min(n, opts.wrcl_max)
+                        kw = min(n, opts.wrcl_max)
                         parts["wrcl"] = opts.w_wrcl * losses.wrcl(
-                            txt["words"][:k],
-                            txt["mask"][:k],
-                            img["regions"][:k],
-                            labels[:k],
+                            txt["words"][:kw],
+                            txt["mask"][:kw],
+                            img["regions"][:kw],
+                            labels[:kw],
                             cfg.gamma1,
                             cfg.gamma2,
                             cfg.gamma3,
@@ -537,7 +563,9 @@ def train(
                     if ok.any():
                         pair = -(logp.masked_fill(~pos, 0).sum(1)[ok] / npos[ok]).mean()
                         parts["pair"] = opts.w_pair_fused * pair
-                loss = sum(parts.values())
+                if not parts:
+                    continue
+                loss = torch.stack(list(parts.values())).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
