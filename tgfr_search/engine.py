@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import json
 import os
 import threading
@@ -501,18 +502,15 @@ class SearchEngine:
         with self._write_lock(), ThreadPoolExecutor(max_workers=2) as pool:
             for space in self._spaces():  # read the saved indexes before this run adds faces
                 self._index(space).sync()
-            pending: list[Future[_Decoded]] | None = None
-            for chunk in _chunks(items, batch_size):
+            pending: list[Future[_Decoded]] = []
+            # The next chunk decodes in the pool while this one is detected and embedded.
+            for chunk in itertools.chain(_chunks(items, batch_size), [[]]):
                 nxt = [pool.submit(_decode, it) for it in chunk]
-                if pending is not None:
+                if pending:
                     self._enroll_batch([f.result() for f in pending], report, aligned, all_faces)
                     if progress:
                         progress(len(pending))
                 pending = nxt
-            if pending is not None:
-                self._enroll_batch([f.result() for f in pending], report, aligned, all_faces)
-                if progress:
-                    progress(len(pending))
             self._save_indexes()
         return report
 

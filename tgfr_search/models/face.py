@@ -95,8 +95,8 @@ class ArcFaceONNX:
             swapRB=True,
         )
 
-    def embed(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Embed aligned crops (a sequence, or an N x H x W x 3 array) into (N, dim) unit rows."""
+    def _check(self, crops: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """The crops as a list, each verified to be an aligned BGR uint8 face of input size."""
         items = list(crops)
         width, height = self.input_size
         for i, crop in enumerate(items):
@@ -105,6 +105,11 @@ class ArcFaceONNX:
                     f"crop {i}: expected a BGR uint8 {height}x{width}x3 aligned face, "
                     f"got {crop.dtype} {crop.shape}"
                 )
+        return items
+
+    def embed(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Embed aligned crops (a sequence, or an N x H x W x 3 array) into (N, dim) unit rows."""
+        items = self._check(crops)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]

@@ -124,17 +124,6 @@ class ArcFaceRegions(ArcFaceONNX):
         emb /= np.maximum(norms, 1e-12)[:, None]
         return emb, norms.astype(np.float32), regions
 
-    def _check(self, crops: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
-        items = list(crops)
-        width, height = self.input_size
-        for i, crop in enumerate(items):
-            if crop.shape != (height, width, 3) or crop.dtype != np.uint8:
-                raise ValueError(
-                    f"crop {i}: expected a BGR uint8 {height}x{width}x3 aligned face, "
-                    f"got {crop.dtype} {crop.shape}"
-                )
-        return items
-
 
 def _add_output(model: onnx.ModelProto, tensor: str, what: str) -> tuple[int, int, int]:
     """Declare `tensor` as an extra N x C x H x W graph output; return (C, H, W)."""
