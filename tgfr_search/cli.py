@@ -468,15 +468,20 @@ manifest_option = click.option(
 )
 
 
-def _cache(manifest: Path, lfw: Path, cache: Path) -> Any:
-    """The frozen-feature cache of a manifest: built once (minutes), then reused."""
+def _cache(
+    manifest: Path,
+    lfw: Path,
+    cache: Path,
+    splits: tuple[str, ...] = ("train", "val", "test", "distractor"),
+) -> Any:
+    """The frozen-feature cache of a manifest's `splits`: built once (minutes), then reused."""
     from tgfr_search.training.features import build_cache
 
     def progress(stage: str, done: int, total: int) -> None:
         if sys.stderr.isatty():
             _stderr(f"features {stage}: {done}/{total}")
 
-    return build_cache(manifest, lfw, cache, progress=progress)
+    return build_cache(manifest, lfw, cache, splits=splits, progress=progress)
 
 
 @cli.command()
@@ -502,9 +507,12 @@ def _cache(manifest: Path, lfw: Path, cache: Path) -> Any:
     help="Align then fuse (the paper), or both at once.",
 )
 @click.option(
-    "--ablation",
-    type=click.Choice(["global_only", "no_wrcl"]),
-    help="Train an ablation instead of the full model.",
+    "--variant",
+    type=click.Choice(["global", "full", "no-wrcl"]),
+    default="global",
+    show_default=True,
+    help="global: the shipped recipe (no regions or words); full: TGFR with word-region "
+    "attention; no-wrcl: full without the word-region loss.",
 )
 @click.option("--epochs", type=int, help="Override the number of epochs.")
 @click.option("--seed", default=0, show_default=True)
@@ -517,21 +525,25 @@ def train(
     cache: Path | None,
     device: str,
     stages: str,
-    ablation: str | None,
+    variant: str,
     epochs: int | None,
     seed: int,
     as_json: bool,
 ) -> None:
     """Train the TGFR heads on a manifest's train people; select on val (ignores --db)."""
+    from tgfr_search.training.train import RECIPES
     from tgfr_search.training.train import train as run_training
 
-    features = _cache(manifest, lfw, cache or out / "features")
+    # Training reads train and val only; test and distractors are cached by `evaluate`.
+    features = _cache(manifest, lfw, cache or out / "features", ("train", "val"))
+    ablation, options = RECIPES[variant]
     summary = run_training(
         features,
         out,
         device=device,
         stages=stages,
         ablation=ablation,
+        options=options,
         epochs=epochs,
         seed=seed,
         fingerprints=features.meta.get("fingerprints"),

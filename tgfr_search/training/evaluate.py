@@ -37,14 +37,69 @@ __all__ = [
     "Protocol",
     "build_protocol",
     "evaluate",
+    "aligned_captions",
+    "aligned_images",
     "fused_vectors",
     "fusion_parts",
+    "refine_scores",
     "person_groups",
     "plot_roc",
     "score_matrix",
 ]
 
-MODES = ("image", "fused", "score")
+MODES = ("image", "fused", "score", "refine", "text", "words")
+#: The bag-of-attribute-words baseline: framing words dropped, synonyms merged.
+STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "with",
+        "of",
+        "in",
+        "on",
+        "this",
+        "that",
+        "is",
+        "who",
+        "has",
+        "have",
+        "wearing",
+        "wears",
+        "person",
+        "someone",
+        "individual",
+        "face",
+        "photo",
+        "picture",
+        "image",
+        "portrait",
+        "photographed",
+        "shown",
+        "close",
+        "up",
+        "looking",
+        "from",
+        "front",
+        "slightly",
+    ]
+)
+SYNONYMS = {
+    **dict.fromkeys(("female", "lady", "she", "her"), "woman"),
+    **dict.fromkeys(("male", "guy", "gentleman", "he", "his"), "man"),
+    **dict.fromkeys(("gray", "silver", "greying"), "grey"),
+    **dict.fromkeys(("spectacles", "eyeglasses", "bespectacled"), "glasses"),
+    **dict.fromkeys(("blonde", "fair"), "blond"),
+    **dict.fromkeys(("bearded",), "beard"),
+    **dict.fromkeys(("mustache",), "moustache"),
+    **dict.fromkeys(("balding",), "bald"),
+    **dict.fromkeys(("necktie",), "tie"),
+    **dict.fromkeys(("headwear",), "hat"),
+    **dict.fromkeys(("smiling",), "smile"),
+    **dict.fromkeys(("older", "elderly"), "old"),
+}
 GALLERY_CAPTION, PROBE_CAPTION = 0, 1
 
 
@@ -232,6 +287,85 @@ def _sentences(cache: FeatureCache, rows_wanted: np.ndarray, caption: int) -> np
     return out
 
 
+def aligned_images(
+    model: TGFR, cache: FeatureCache, variant: str, rows_wanted: np.ndarray, *, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Faces in the aligned (caption <-> face) space (N, 256) and their quality q (N,)."""
+    import torch
+
+    face = cache.face(variant)
+    pos = _positions(np.asarray(face.image, dtype=np.int64), rows_wanted, f"{variant} face")
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(
+            torch.as_tensor(np.asarray(face.globals[pos]), dtype=torch.float32).to(device),
+            torch.as_tensor(np.asarray(face.norms[pos]), dtype=torch.float32).to(device),
+        )
+    return img["global"].float().cpu().numpy(), img["q"].float().cpu().numpy()
+
+
+def aligned_captions(
+    model: TGFR, cache: FeatureCache, rows_wanted: np.ndarray, caption: int, *, device: str = "cpu"
+) -> np.ndarray:
+    """One caption per row in the aligned space (N, 256); zero rows where it is absent."""
+    import torch
+
+    sentences = _sentences(cache, rows_wanted, caption)
+    with torch.no_grad():
+        out = model.encode_text(None, None, torch.as_tensor(sentences).to(device))["sentence"]
+    out = out.float().cpu().numpy()
+    out[~sentences.any(1)] = 0.0
+    return out
+
+
+def refine_scores(
+    face: np.ndarray, text: np.ndarray, q: np.ndarray, params: Mapping[str, Any]
+) -> np.ndarray:
+    """Scores of `refine` mode: the image-mode top-k re-ranked by face + w(q) * text.
+
+    `face` and `text` are (P, G) face and caption-to-face scores, `q` the probes' quality.
+    w(q) = max(0, weight + slope * q) lets the caption count more as the face gets worse.
+    Entries outside each row's image-mode top-k are not candidates: they score -4, below
+    any cosine-based score, as if a search had not returned them.
+    """
+    k = int(params.get("k", 100))
+    w = np.maximum(0.0, float(params.get("weight", 0.0)) + float(params.get("slope", 0.0)) * q)
+    out = face + w[:, None] * text
+    if k < face.shape[1]:
+        kth = np.partition(face, -k, axis=1)[:, -k]
+        out[face < kth[:, None]] = -4.0
+    return out
+
+
+def _bags(cache: FeatureCache, rows_wanted: np.ndarray, caption: int) -> list[set[str]]:
+    out = []
+    for i in rows_wanted:
+        caps = cache.rows[int(i)].get("captions") or []
+        text = caps[caption] if len(caps) > caption else ""
+        words = "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+        out.append({SYNONYMS.get(w, w) for w in words if w not in STOPWORDS})
+    return out
+
+
+def words_matrix(probes: list[set[str]], gallery: list[set[str]]) -> np.ndarray:
+    """tf-idf cosine of bags of attribute words (the text-only baseline), (P, G)."""
+    vocab = sorted(set().union(*probes, *gallery))
+    col = {w: j for j, w in enumerate(vocab)}
+
+    def matrix(bags: list[set[str]]) -> np.ndarray:
+        m = np.zeros((len(bags), len(vocab)), np.float32)
+        for i, bag in enumerate(bags):
+            m[i, [col[w] for w in bag]] = 1.0
+        return m
+
+    p, g = matrix(probes), matrix(gallery)
+    idf = np.log((1 + len(gallery)) / (1 + g.sum(0))) + 1.0
+    p, g = p * idf, g * idf
+    p /= np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return p @ g.T
+
+
 def score_matrix(
     cache: FeatureCache,
     protocol: Protocol,
@@ -240,15 +374,25 @@ def score_matrix(
     *,
     model: TGFR | None = None,
     text_weight: float = 0.1,
+    refine: Mapping[str, Any] | None = None,
     device: str = "cpu",
 ) -> np.ndarray:
     """(P, G) cosine scores of the protocol's probes (at `level`) against its gallery (clean).
 
     mode "image": frozen ArcFace cosine. "fused": cosine of TGFR fused vectors. "score":
     face cosine + `text_weight` * cosine of the two captions' sentence embeddings (0 where a
-    caption is missing), the score-level fusion baseline.
+    caption is missing), the score-level fusion baseline. "refine": image-mode candidates
+    re-ranked with the probe caption's score against each gallery face (`refine_scores`;
+    `refine` defaults to the model's fitted parameters; gallery captions are not used).
+    "text": the probe's caption alone against the gallery faces, in the aligned space.
+    "words": the bag-of-attribute-words baseline, probe caption against gallery caption.
     """
     variant = f"L{int(level)}"
+    if mode == "words":
+        return words_matrix(
+            _bags(cache, protocol.probes, PROBE_CAPTION),
+            _bags(cache, protocol.gallery, GALLERY_CAPTION),
+        )
     if mode == "image":
         p = _face_globals(cache, variant, protocol.probes)
         g = _face_globals(cache, "L0", protocol.gallery)
@@ -267,6 +411,22 @@ def score_matrix(
         p = fused_vectors(model, cache, variant, protocol.probes, PROBE_CAPTION, device=device)
         g = fused_vectors(model, cache, "L0", protocol.gallery, GALLERY_CAPTION, device=device)
         return p @ g.T
+    if mode in ("refine", "text"):
+        if model is None:
+            raise EvaluationError(f"{mode} mode needs a TGFR model")
+        g, _ = aligned_images(model, cache, "L0", protocol.gallery, device=device)
+        text = aligned_captions(model, cache, protocol.probes, PROBE_CAPTION, device=device) @ g.T
+        if mode == "text":
+            return text
+        face = (
+            _face_globals(cache, variant, protocol.probes)
+            @ _face_globals(cache, "L0", protocol.gallery).T
+        )
+        _, q = aligned_images(model, cache, variant, protocol.probes, device=device)
+        params = refine if refine is not None else model.summary.get("refine")
+        if not params:
+            raise EvaluationError("the model has no fitted refine parameters (train it again)")
+        return refine_scores(face, text, q, params)
     raise EvaluationError(f"mode must be one of {MODES}, not {mode!r}")
 
 

@@ -66,12 +66,24 @@ def rank_k(scores: np.ndarray, mate: np.ndarray, k: int = 1) -> float: ...
 @overload
 def rank_k(scores: np.ndarray, mate: np.ndarray, k: Sequence[int]) -> list[float]: ...
 def rank_k(scores: np.ndarray, mate: np.ndarray, k: int | Sequence[int] = 1) -> float | list[float]:
-    """Fraction of mated probes whose mate ranks within the top k (a list for a list of k)."""
+    """Fraction of mated probes whose mate ranks within the top k (a list for a list of k).
+
+    Ties are broken at random, in expectation: a mate tied with t other entries below g higher
+    ones is in the top k with probability clip((k - g) / (t + 1), 0, 1). Coarse scores (a bag
+    of words) tie often; counting a tie as a win would inflate them.
+    """
     scores, mate = _check(scores, mate)
-    r = ranks(scores, mate)[mate >= 0]
-    if isinstance(k, int):
-        return float((r <= k).mean()) if r.size else float("nan")
-    return [float((r <= kk).mean()) if r.size else float("nan") for kk in k]
+    has = mate >= 0
+    if not has.any():
+        return float("nan") if isinstance(k, int) else [float("nan") for _ in k]
+    genuine = scores[has, mate[has]][:, None]
+    higher = (scores[has] > genuine).sum(axis=1)
+    ties = (scores[has] == genuine).sum(axis=1) - 1
+
+    def at(kk: int) -> float:
+        return float(np.clip((kk - higher) / (ties + 1), 0.0, 1.0).mean())
+
+    return at(k) if isinstance(k, int) else [at(kk) for kk in k]
 
 
 def genuine_impostor(scores: np.ndarray, mate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ABLATIONS",
+    "RECIPES",
     "TrainOptions",
     "ablation_table",
     "train",
@@ -100,6 +101,16 @@ class TrainOptions:
     eval_every: int = 1
     calibrate_theta: bool = True  # refit theta(q)'s bias and slope on val after each epoch
     threads: int | None = None
+
+
+#: What `tgfr-search train --variant` runs: (ablation, options). "global" is the shipped
+#: checkpoint's recipe (experiment g4): on val it measured level with the full model, and on test
+#: above it (benchmarks/README.md), at a tenth of the training time.
+RECIPES: dict[str, tuple[str | None, TrainOptions]] = {
+    "global": ("global_only", TrainOptions(people_per_batch=48, steps_per_epoch=None, threads=1)),
+    "full": (None, TrainOptions(threads=1)),
+    "no-wrcl": ("no_wrcl", TrainOptions(threads=1)),
+}
 
 
 def _device(device: str) -> str:
