@@ -314,19 +314,19 @@ class _SpaceIndex:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_models(name: str, model_dir: str | None) -> Any:
+def _load_models(name: str, model_dir: str | None, device: str = "auto") -> Any:
     """Models are shared by every engine of a process: sessions are thread-safe and costly."""
     from tgfr_search.models import load_models
 
-    return load_models(name, model_dir=model_dir)
+    return load_models(name, model_dir=model_dir, device=device)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tgfr(name: str, model_dir: str | None, checkpoint: str) -> Any:
+def _load_tgfr(name: str, model_dir: str | None, device: str, checkpoint: str) -> Any:
     from tgfr_search.models.fusion import TGFRRuntime
 
-    models = _load_models(name, model_dir)
-    return TGFRRuntime(checkpoint, models.face, models.text)
+    models = _load_models(name, model_dir, device)
+    return TGFRRuntime(checkpoint, models.face, models.text, device=device)
 
 
 class SearchEngine:
@@ -348,13 +348,16 @@ class SearchEngine:
         tgfr: str | os.PathLike[str] | None = "default",
         lock_timeout: float = 60.0,
         check_models: bool = True,
+        device: str = "auto",
     ) -> None:
+        if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = FileLock(str(self.path / "write.lock"), timeout=lock_timeout)
         # Only creating or upgrading the schema takes the write lock: readers open at once.
         self.store = Store(sqlite_url(self.path / "metadata.db"), migration_lock=self._write_lock)
-        self._models_spec = (models, None if model_dir is None else str(model_dir))
+        self._models_spec = (models, None if model_dir is None else str(model_dir), device)
         self._tgfr_spec = tgfr
         self._models: Any = None
         self._tgfr: Any = None

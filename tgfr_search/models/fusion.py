@@ -29,7 +29,9 @@ def default_checkpoint() -> Path | None:
 class TGFRRuntime:
     """Fused (face + caption) and aligned (caption <-> face) vectors from crops and captions."""
 
-    def __init__(self, checkpoint: str | Path, face: Any, text: Any) -> None:
+    def __init__(
+        self, checkpoint: str | Path, face: Any, text: Any, *, device: str = "auto"
+    ) -> None:
         import torch
 
         from tgfr_search.models.regions import ArcFaceRegions

@@ -260,6 +260,7 @@ def load_models(
     *,
     text_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    device: str = "auto",
 ) -> ModelPack:
     """Load a face pack's detector and recogniser now, and prepare its text encoder for later.
 
