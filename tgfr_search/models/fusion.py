@@ -18,6 +18,7 @@ from tgfr_search.errors import ModelFileError
 
 FUSED = "fused"
 ALIGNED = "aligned"
+CAPTION = "caption"
 
 
 def default_checkpoint() -> Path | None:
@@ -48,7 +49,7 @@ class TGFRRuntime:
         self.text = text
         self._torch = torch
         cfg = self.model.config
-        self.dims = {FUSED: cfg.fused_dim, ALIGNED: cfg.embed_dim}
+        self.dims = {FUSED: cfg.fused_dim, ALIGNED: cfg.embed_dim, CAPTION: cfg.embed_dim}
         self.fingerprint = f"{self.model.fingerprint}|{text.fingerprint}"
         self.summary: dict[str, Any] = self.model.summary
 
@@ -64,7 +65,9 @@ class TGFRRuntime:
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Vectors of every space for aligned crops and their captions (None: no caption).
 
-        Returns ({"face": (N,512), "fused": (N,D), "aligned": (N,256)}, ArcFace norms (N,)).
+        Returns ({"face": (N,512), "fused": (N,D), "aligned": (N,256), "caption": (N,256)},
+        ArcFace norms (N,)): "aligned" is the face and "caption" its caption (zero without one)
+        in the caption <-> face space.
         """
         t = self._torch
         globals_, norms, regions = self.regions.embed_full(crops)
@@ -78,8 +81,15 @@ class TGFRRuntime:
             pos = {x: i for i, x in enumerate(distinct)}
             where = t.tensor([pos[x] for x in texts])
             text = {k: v[where] for k, v in self._text_parts(distinct).items()}
-            fused = self.model.fuse(image, text, has_text=t.tensor([bool(x) for x in texts]))
-        out = {"face": globals_, FUSED: fused.numpy(), ALIGNED: image["global"].numpy()}
+            has_text = t.tensor([bool(x) for x in texts])
+            fused = self.model.fuse(image, text, has_text=has_text)
+            caption = text["sentence"] * has_text[:, None].to(text["sentence"].dtype)
+        out = {
+            "face": globals_,
+            FUSED: fused.numpy(),
+            ALIGNED: image["global"].numpy(),
+            CAPTION: caption.numpy(),
+        }
         return out, norms
 
     def caption_vectors(self, captions: Sequence[str]) -> np.ndarray:
