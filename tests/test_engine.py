@@ -205,7 +205,7 @@ def test_corrupt_index_file_is_rebuilt_with_a_warning(make_engine, ten, tmp_path
 
 
 def test_modes_that_need_the_tgfr_model_say_so(make_engine, ten) -> None:
-    engine = make_engine()
+    engine = make_engine(tgfr=None)
     with pytest.raises(ModeUnavailable, match="TGFR model"):
         engine.query(next(iter(ten.values()))[0], caption="a man", mode="fused")
     with pytest.raises(ValueError, match="unknown mode"):

@@ -41,6 +41,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FACE = "face"
 FUSED = "fused"
 ALIGNED = "aligned"
+CAPTION = "caption"
 DEFAULT_FAR = 1e-3
 
 ImageLike = Any  # a path, bytes, a PIL image or an RGB numpy array
@@ -461,7 +462,8 @@ class SearchEngine:
 
     def _spaces(self) -> list[str]:
         """The vector spaces this engine's store holds."""
-        return [s for s in (FACE, FUSED, ALIGNED) if self.store.get(f"dim:{s}") is not None]
+        spaces = (FACE, FUSED, ALIGNED, CAPTION)
+        return [s for s in spaces if self.store.get(f"dim:{s}") is not None]
 
     @property
     def warnings(self) -> list[str]:
@@ -777,11 +779,12 @@ class SearchEngine:
         if mode == "image":
             ranked = self._ranked(self._index(FACE), vecs[FACE], k, subset)
         elif mode == "text":
-            ranked = self._ranked(self._index(ALIGNED), vecs["text"], k, subset)
+            ranked = self._described(runtime, vecs["text"], k, subset)
         elif mode == "fused":
             ranked = self._ranked(self._index(FUSED), vecs[FUSED], k, subset)
         else:
-            ranked = self._refined(runtime, vecs[FACE], vecs["text"], k, subset)
+            norms = np.array([probes[i].quality.norm for i in rows])  # type: ignore[union-attr]
+            ranked = self._refined(runtime, vecs[FACE], vecs["text"], norms, k, subset)
         for n, i in enumerate(rows):
             yield i, ranked[n], {name: v[n] for name, v in vecs.items()}
 
@@ -814,21 +817,60 @@ class SearchEngine:
         runtime: Any,
         face_vecs: np.ndarray,
         caption_vecs: np.ndarray,
+        norms: np.ndarray,
         k: int,
         subset: np.ndarray | None,
     ) -> list[list[tuple[float, FaceInfo]]]:
-        """Image-mode candidates re-ranked by face score plus weighted caption-to-face score."""
+        """Image-mode candidates re-ranked by face + w(q) * caption-to-face score.
+
+        w(q) = max(0, weight + slope * q), q the probe's standardised ArcFace norm (a quality
+        estimate), with the parameters fitted on val and shipped with the model.
+        """
         params = runtime.summary.get("refine", {})
         wide = max(k, int(params.get("k", 100)))
-        weight = float(params.get("weight", 0.1))
+        cfg = runtime.model.config
+        q = (norms - cfg.quality_mean) / cfg.quality_std
+        weights = np.maximum(0.0, params.get("weight", 0.1) + params.get("slope", 0.0) * q)
         out = []
-        for shortlist, cap in zip(
-            self._ranked(self._index(FACE), face_vecs, wide, subset), caption_vecs
+        for shortlist, cap, weight in zip(
+            self._ranked(self._index(FACE), face_vecs, wide, subset), caption_vecs, weights
         ):
             ids = [f.face_id for _, f in shortlist]
             text = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED]) @ cap
-            scored = [(s + weight * float(t), f) for (s, f), t in zip(shortlist, text)]
+            scored = [(s + float(weight * t), f) for (s, f), t in zip(shortlist, text)]
             out.append(sorted(scored, key=lambda t: -t[0])[:k])
+        return out
+
+    def _described(
+        self, runtime: Any, caption_vecs: np.ndarray, k: int, subset: np.ndarray | None
+    ) -> list[list[tuple[float, FaceInfo]]]:
+        """A description against each face, plus w times against the face's own caption.
+
+        Candidates are the union of the best faces by either score (4k of each); w is fitted
+        on val and shipped with the model. Faces without a caption score by their face alone.
+        """
+        w = float(runtime.summary.get("text", {}).get("caption_weight", 0.0))
+        by_face = self._ranked(self._index(ALIGNED), caption_vecs, 4 * k, subset)
+        with_captions = w > 0 and CAPTION in self._spaces() and self.store.caption_fraction() > 0
+        by_caption = (
+            self._ranked(self._index(CAPTION), caption_vecs, 4 * k, subset)
+            if with_captions
+            else [[] for _ in by_face]
+        )
+        out = []
+        for a, b, cap in zip(by_face, by_caption, caption_vecs):
+            faces = {f.face_id: f for _, f in a + b}
+            ids = sorted(faces)
+            score = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED]) @ cap
+            if with_captions:
+                stored = self.store.vectors_of(CAPTION, ids, dim=runtime.dims[CAPTION])
+                score = score + w * (stored @ cap)
+            best: dict[str, tuple[float, FaceInfo]] = {}
+            for i, sc in zip(ids, score):
+                f = faces[i]
+                if f.identity not in best or sc > best[f.identity][0]:
+                    best[f.identity] = (float(sc), f)
+            out.append(sorted(best.values(), key=lambda t: -t[0])[:k])
         return out
 
     def _matches(
@@ -854,7 +896,7 @@ class SearchEngine:
         for r, (score, f) in enumerate(ranked):
             scores = {name: round(float(v[r]), 6) for name, v in extra.items()}
             scores["face" if mode == "image" else mode] = round(score, 6)
-            decision = None if threshold is None else bool(score >= threshold)
+            decision = None if threshold is None else bool(score > threshold)
             results.append(
                 Match(
                     r + 1,
@@ -910,7 +952,7 @@ class SearchEngine:
         va, vb = self.models.face.embed([pa.crop, pb.crop])  # type: ignore[union-attr]
         score = float(va @ vb)
         threshold = self.threshold("image", far)
-        decision = None if threshold is None else score >= threshold
+        decision = None if threshold is None else score > threshold
         return Verification(score, (pa.faces, pb.faces), threshold, decision)
 
     # -- management -------------------------------------------------------------------------

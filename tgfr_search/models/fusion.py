@@ -39,7 +39,8 @@ class TGFRRuntime:
         from tgfr_search.models.tgfr import TGFR
 
         self.model = TGFR.load(checkpoint)
-        expected = self.model.fingerprints.get("face")
+        fps = self.model.fingerprints
+        expected = fps.get("face_global", fps.get("face"))  # "face" also names the region map
         if expected is not None and expected != face.fingerprint:
             raise ModelFileError(
                 f"the TGFR checkpoint in {checkpoint} was trained on {expected}, "

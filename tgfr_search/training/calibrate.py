@@ -29,13 +29,14 @@ if TYPE_CHECKING:
     from tgfr_search.models.tgfr import TGFR
     from tgfr_search.training.features import FeatureCache
 
-__all__ = ["FARS", "calibrate", "calibrate_thresholds", "fit_refine"]
+__all__ = ["FARS", "calibrate", "calibrate_thresholds", "fit_refine", "fit_text"]
 
 FARS = (1e-2, 1e-3, 1e-4)
 LEVELS = (0, 1, 2, 3)
 REFINE_K = 100
 REFINE_WEIGHTS = tuple(float(x) for x in np.round(np.arange(0.0, 0.61, 0.05), 2))
 REFINE_SLOPES = (0.0, -0.025, -0.05, -0.1, -0.15, -0.2)
+CAPTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 class _ValScores:
@@ -47,8 +48,10 @@ class _ValScores:
         p = self.protocol
         self.gallery_face = _face_globals(cache, "L0", p.gallery)
         g_aligned, _ = aligned_images(model, cache, "L0", p.gallery, device=device)
-        self.text = aligned_captions(model, cache, p.probes, PROBE_CAPTION, device=device)
-        self.text = self.text @ g_aligned.T
+        probe_text = aligned_captions(model, cache, p.probes, PROBE_CAPTION, device=device)
+        self.text = probe_text @ g_aligned.T
+        gallery_text = aligned_captions(model, cache, p.gallery, GALLERY_CAPTION, device=device)
+        self.caption_text = probe_text @ gallery_text.T
         self.gallery_fused = fused_vectors(
             model, cache, "L0", p.gallery, GALLERY_CAPTION, device=device
         )
@@ -107,6 +110,18 @@ def fit_refine(
     }
 
 
+def fit_text(val: _ValScores, weights: Sequence[float] = CAPTION_WEIGHTS) -> dict[str, Any]:
+    """The weight of the gallery caption's score in `text` mode: best val rank-5, then rank-1."""
+    mate = val.protocol.mate
+    best: dict[str, Any] = {}
+    for w in weights:
+        r1, r5 = metrics.rank_k(val.text + w * val.caption_text, mate, [1, 5])
+        if not best or (r5, r1) > (best["val"]["rank5"], best["val"]["rank1"]):
+            best = {"caption_weight": float(w), "val": {"rank1": r1, "rank5": r5}}
+    r1, r5 = metrics.rank_k(val.text, mate, [1, 5])
+    return {**best, "val_faces_only": {"rank1": r1, "rank5": r5}}
+
+
 def _pooled(matrices: Sequence[np.ndarray], mate: np.ndarray) -> tuple[float, float]:
     stacked = np.concatenate(matrices)
     mates = np.tile(mate, len(matrices))
@@ -116,7 +131,10 @@ def _pooled(matrices: Sequence[np.ndarray], mate: np.ndarray) -> tuple[float, fl
 
 
 def calibrate_thresholds(
-    val: _ValScores, refine: dict[str, Any], fars: Sequence[float] = FARS
+    val: _ValScores,
+    refine: dict[str, Any],
+    text: dict[str, Any],
+    fars: Sequence[float] = FARS,
 ) -> dict[str, dict[str, float]]:
     """Per mode, the score whose val impostor pairs (all levels pooled) reach each FAR."""
     mate = val.protocol.mate
@@ -126,7 +144,9 @@ def calibrate_thresholds(
         per_mode["image"].append(face)
         per_mode["fused"].append(val.fused(lv))
         per_mode["refine"].append(refine_scores(face, val.text, val.quality(lv), refine))
-    per_mode["text"] = [val.text]  # a description does not depend on the probe's quality
+    # A description does not depend on the probe's quality; the threshold assumes the gallery
+    # has captions at the fitted weight (a caption-less gallery scores lower: fewer accepts).
+    per_mode["text"] = [val.text + text["caption_weight"] * val.caption_text]
     out: dict[str, dict[str, float]] = {}
     for mode, matrices in per_mode.items():
         impostor = np.concatenate([metrics.genuine_impostor(m, mate)[1] for m in matrices])
@@ -136,14 +156,16 @@ def calibrate_thresholds(
 
 
 def calibrate(model: TGFR, cache: FeatureCache, *, device: str = "cpu") -> dict[str, Any]:
-    """{"refine": fitted parameters, "thresholds": {mode: {far: score}}, "calibration": ...}."""
+    """{"refine": ..., "text": ..., "thresholds": {mode: {far: score}}, "calibration": ...}."""
     val = _ValScores(model, cache, device)
     refine = fit_refine(val)
-    thresholds = calibrate_thresholds(val, refine)
+    text = fit_text(val)
+    thresholds = calibrate_thresholds(val, refine, text)
     p = val.protocol
     impostor_pairs = int((p.mate >= 0).sum()) * (len(p.gallery) - 1)
     return {
         "refine": refine,
+        "text": text,
         "thresholds": thresholds,
         "calibration": {
             "split": "val",

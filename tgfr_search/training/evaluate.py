@@ -375,6 +375,7 @@ def score_matrix(
     model: TGFR | None = None,
     text_weight: float = 0.1,
     refine: Mapping[str, Any] | None = None,
+    text: Mapping[str, Any] | None = None,
     device: str = "cpu",
 ) -> np.ndarray:
     """(P, G) cosine scores of the protocol's probes (at `level`) against its gallery (clean).
@@ -384,7 +385,9 @@ def score_matrix(
     caption is missing), the score-level fusion baseline. "refine": image-mode candidates
     re-ranked with the probe caption's score against each gallery face (`refine_scores`;
     `refine` defaults to the model's fitted parameters; gallery captions are not used).
-    "text": the probe's caption alone against the gallery faces, in the aligned space.
+    "text": the probe's caption alone against each gallery face, plus `caption_weight` times
+    its score against the gallery entry's caption, both in the aligned space (`text` defaults
+    to the model's fitted {"caption_weight": w}; w = 0 is a caption-less gallery).
     "words": the bag-of-attribute-words baseline, probe caption against gallery caption.
     """
     variant = f"L{int(level)}"
@@ -415,9 +418,18 @@ def score_matrix(
         if model is None:
             raise EvaluationError(f"{mode} mode needs a TGFR model")
         g, _ = aligned_images(model, cache, "L0", protocol.gallery, device=device)
-        text = aligned_captions(model, cache, protocol.probes, PROBE_CAPTION, device=device) @ g.T
+        probe_text = aligned_captions(model, cache, protocol.probes, PROBE_CAPTION, device=device)
         if mode == "text":
-            return text
+            params = text if text is not None else model.summary.get("text", {})
+            w = float(params.get("caption_weight", 0.0))
+            scores = probe_text @ g.T
+            if w:
+                gc = aligned_captions(
+                    model, cache, protocol.gallery, GALLERY_CAPTION, device=device
+                )
+                scores += w * (probe_text @ gc.T)
+            return scores
+        text_face = probe_text @ g.T
         face = (
             _face_globals(cache, variant, protocol.probes)
             @ _face_globals(cache, "L0", protocol.gallery).T
@@ -426,7 +438,7 @@ def score_matrix(
         params = refine if refine is not None else model.summary.get("refine")
         if not params:
             raise EvaluationError("the model has no fitted refine parameters (train it again)")
-        return refine_scores(face, text, q, params)
+        return refine_scores(face, text_face, q, params)
     raise EvaluationError(f"mode must be one of {MODES}, not {mode!r}")
 
 
