@@ -28,7 +28,13 @@ def default_checkpoint() -> Path | None:
 
 
 class TGFRRuntime:
-    """Fused (face + caption) and aligned (caption <-> face) vectors from crops and captions."""
+    """Fused (face + caption) and aligned (caption <-> face) vectors from crops and captions.
+
+    On CPU the recogniser runs on ONNX Runtime and the heads in float32 torch. On CUDA
+    (`device="cuda"`, or "auto" where torch sees a GPU and the `gpu` extra is installed) the
+    recogniser runs in fp16 through torch and the heads in float32 on the same GPU; features stay
+    on the device until the finished vectors come back. The fingerprint is the same on both.
+    """
 
     def __init__(
         self, checkpoint: str | Path, face: Any, text: Any, *, device: str = "auto"
@@ -37,6 +43,7 @@ class TGFRRuntime:
 
         from tgfr_search.models.regions import ArcFaceRegions
         from tgfr_search.models.tgfr import TGFR
+        from tgfr_search.models.torch_onnx import resolve_device
 
         self.model = TGFR.load(checkpoint)
         fps = self.model.fingerprints
@@ -46,20 +53,43 @@ class TGFRRuntime:
                 f"the TGFR checkpoint in {checkpoint} was trained on {expected}, "
                 f"not on the loaded face model {face.fingerprint}"
             )
-        self.regions = ArcFaceRegions(face.model_path, sha256=face.sha256)
+        self.device = resolve_device(device)
+        if self.device == "cpu":
+            self.regions = ArcFaceRegions(face.model_path, sha256=face.sha256)
+        else:
+            self.regions = ArcFaceRegions(face.model_path, sha256=face.sha256, device=self.device)
         self.text = text
         self._torch = torch
         cfg = self.model.config
         self.dims = {FUSED: cfg.fused_dim, ALIGNED: cfg.embed_dim, CAPTION: cfg.embed_dim}
         self.fingerprint = f"{self.model.fingerprint}|{text.fingerprint}"
         self.summary: dict[str, Any] = self.model.summary
+        if self.device != "cpu":
+            self.model.to(self.device)  # after the fingerprint, which hashes the CPU weights
 
     def _text_parts(self, captions: Sequence[str]) -> dict[str, Any]:
+        if self.device != "cpu":
+            return self._text_parts_on_device(captions)
         enc = self.text.encode(list(captions))
         t = self._torch
         return self.model.encode_text(
             t.from_numpy(enc.tokens), t.from_numpy(enc.mask), t.from_numpy(enc.sentence)
         )
+
+    def _text_parts_on_device(self, captions: Sequence[str]) -> dict[str, Any]:
+        t = self._torch
+        words = self.model.config.use_regions  # the global-only heads read sentence vectors alone
+        if hasattr(self.text, "encode_tensors"):
+            tokens, mask, sentence = self.text.encode_tensors(list(captions), tokens=words)
+        else:
+            enc = self.text.encode(list(captions))
+            tokens, mask, sentence = (t.from_numpy(x) for x in (enc.tokens, enc.mask, enc.sentence))
+        with t.inference_mode():
+            return self.model.encode_text(
+                None if tokens is None else tokens.to(self.device),
+                mask.to(self.device),
+                sentence.to(self.device),
+            )
 
     def embed(
         self, crops: Sequence[np.ndarray], captions: Sequence[str | None]
@@ -71,6 +101,8 @@ class TGFRRuntime:
         in the caption <-> face space.
         """
         t = self._torch
+        if self.device != "cpu":
+            return self._embed_on_device(crops, captions)
         globals_, norms, regions = self.regions.embed_full(crops)
         with t.inference_mode():
             image = self.model.encode_image(
@@ -93,7 +125,33 @@ class TGFRRuntime:
         }
         return out, norms
 
+    def _embed_on_device(
+        self, crops: Sequence[np.ndarray], captions: Sequence[str | None]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """`embed` on the GPU: one copy back per space, the region map only where used."""
+        t = self._torch
+        use_regions = self.model.config.use_regions
+        globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=use_regions)
+        texts = [c if c and c.strip() else "" for c in captions]
+        distinct = sorted(set(texts))
+        pos = {x: i for i, x in enumerate(distinct)}
+        text_parts = self._text_parts(distinct)
+        with t.inference_mode():
+            image = self.model.encode_image(globals_, norms, regions)
+            where = t.tensor([pos[x] for x in texts], device=self.device)
+            text = {k: v[where] for k, v in text_parts.items()}
+            has_text = t.tensor([bool(x) for x in texts], device=self.device)
+            fused = self.model.fuse(image, text, has_text=has_text)
+            caption = text["sentence"] * has_text[:, None].to(text["sentence"].dtype)
+            out = {
+                "face": globals_.cpu().numpy(),
+                FUSED: fused.cpu().numpy(),
+                ALIGNED: image["global"].cpu().numpy(),
+                CAPTION: caption.cpu().numpy(),
+            }
+            return out, norms.cpu().numpy()
+
     def caption_vectors(self, captions: Sequence[str]) -> np.ndarray:
         """Captions in the aligned space: their inner product with a face's aligned vector."""
         with self._torch.inference_mode():
-            return self._text_parts(captions)["sentence"].numpy()
+            return self._text_parts(captions)["sentence"].cpu().numpy()

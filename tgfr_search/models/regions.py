@@ -27,6 +27,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import onnx
+    import torch
 
 from tgfr_search.models.face import ArcFaceONNX, _with_dynamic_batch
 
@@ -53,7 +54,7 @@ class ArcFaceRegions(ArcFaceONNX):
         self,
         model_path: str | os.PathLike[str] | None = None,
         *,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         threads: int | None = None,
         region_tensor: str | None = None,
         fast_prelu: bool = True,
@@ -61,12 +62,18 @@ class ArcFaceRegions(ArcFaceONNX):
         input_std: float = 127.5,
         name: str | None = None,
         sha256: str | None = None,
+        device: str = "cpu",
     ) -> None:
         import onnx
 
         from tgfr_search.models.registry import make_session, vectron_dir
 
         path = Path(model_path) if model_path is not None else vectron_dir() / "w600k_mbf.onnx"
+        from tgfr_search.models.torch_onnx import resolve_device
+
+        device = resolve_device(device)
+        if batch_size is None:
+            batch_size = 64 if device == "cpu" else 1024
         super().__init__(
             path,
             batch_size=batch_size,
@@ -75,6 +82,7 @@ class ArcFaceRegions(ArcFaceONNX):
             input_std=input_std,
             name=name,
             sha256=sha256,
+            device=device,
         )
         tensor = region_tensor or REGION_TENSORS.get(self.sha256)
         if tensor is None:
@@ -84,9 +92,12 @@ class ArcFaceRegions(ArcFaceONNX):
             )
         model = onnx.load_from_string(_with_dynamic_batch(path))
         channels, height, width = _add_output(model, tensor, path.name)
-        if fast_prelu:
-            _split_prelu(model)
-        self.session = make_session(model.SerializeToString(), threads)
+        if self.device != "cpu":
+            self._use_graph(model)  # PRelu stays as it is: the rewrite is an ORT CPU layout fix
+        else:
+            if fast_prelu:
+                _split_prelu(model)
+            self.session = make_session(model.SerializeToString(), threads)
         self.region_tensor = tensor
         self.region_hw = (height, width)
         self._channels = channels
@@ -109,6 +120,11 @@ class ArcFaceRegions(ArcFaceONNX):
         """Return unit embeddings (N, dim), their raw norms (N,) and regions (N, R, C), float32."""
         items = self._check(crops)
         n = len(items)
+        if self._graph is not None:
+            emb_t, norms_t, regions_t = self.embed_full_tensors(items)
+            assert regions_t is not None
+            return emb_t.cpu().numpy(), norms_t.cpu().numpy(), regions_t.cpu().numpy()
+        assert self.session is not None
         regions_n, channels = self.region_shape
         emb = np.empty((n, self.dim), dtype=np.float32)
         regions = np.empty((n, regions_n, channels), dtype=np.float32)
@@ -123,6 +139,27 @@ class ArcFaceRegions(ArcFaceONNX):
         norms = np.linalg.norm(emb, axis=1)
         emb /= np.maximum(norms, 1e-12)[:, None]
         return emb, norms.astype(np.float32), regions
+
+    def embed_full_tensors(
+        self, crops: Sequence[np.ndarray] | np.ndarray, *, regions: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`embed_full` as float32 tensors left on the device (CUDA backend only).
+
+        With `regions=False` the region map is not returned (it is 100 KB a face in float32).
+        """
+        import torch
+
+        items = self._check(crops)
+        regions_n, channels = self.region_shape
+        if not items:
+            empty = torch.empty((0, regions_n, channels), device=self.device)
+            return torch.empty((0, self.dim), device=self.device), empty[:, 0, 0], empty
+        names = [self.output_name] + ([self.region_tensor] if regions else [])
+        out = self.run_tensors(items, names)
+        norms = out[0].norm(dim=1)
+        emb = out[0] / norms.clamp_min(1e-12)[:, None]
+        fmap = out[1].reshape(len(items), channels, regions_n).transpose(1, 2) if regions else None
+        return emb, norms, fmap
 
 
 def _add_output(model: onnx.ModelProto, tensor: str, what: str) -> tuple[int, int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -140,7 +141,11 @@ def register_face_pack(pack: FacePack) -> FacePack:
 
 
 def register_text(name: str) -> Callable[[_T], _T]:
-    """Decorator registering a text-encoder factory `f(model_dir or None) -> TextEncoder`."""
+    """Decorator registering a text-encoder factory `f(model_dir or None) -> TextEncoder`.
+
+    A factory that also takes a `device` keyword is handed the engine's device ("cuda", ...)
+    when that is not the CPU.
+    """
 
     def wrap(factory: _T) -> _T:
         _TEXT_MODELS[name] = factory
@@ -176,10 +181,10 @@ register_face_pack(FacePack("antelopev2", "scrfd_10g_bnkps.onnx", "glintr100.onn
 
 
 @register_text("minilm")
-def _minilm(model_dir: Path | None) -> TextEncoder:
+def _minilm(model_dir: Path | None, *, device: str = "cpu") -> TextEncoder:
     from tgfr_search.models.text import MiniLM
 
-    return MiniLM(model_dir or minilm_dir(), name="minilm")
+    return MiniLM(model_dir or minilm_dir(), name="minilm", device=device)
 
 
 class _LazyText:
@@ -267,10 +272,15 @@ def load_models(
     `pack` is a registered name or a folder named after one (e.g. ~/.insightface/models/buffalo_l);
     `model_dir` points a named pack at a folder of your own. Only the packaged vectron files are
     checked against pinned checksums; other files are trusted, and their hashes enter the
-    fingerprints.
+    fingerprints. `device` "cpu" runs the face models on ONNX Runtime; "cuda" (or "auto" where
+    torch sees a GPU and the `gpu` extra is installed) runs them, and the text encoder, in fp16
+    on the GPU. Fingerprints do not depend on the device.
     """
     from tgfr_search.models.detector import SCRFD
     from tgfr_search.models.face import ArcFaceONNX
+    from tgfr_search.models.torch_onnx import resolve_device
+
+    device = resolve_device(device)
 
     spec, folder = _resolve_pack(pack, model_dir)
     pinned = False
@@ -301,13 +311,14 @@ def load_models(
                     f"{path} does not match its pinned checksum (sha256 {hashes[role][:16]}..., "
                     f"expected {expected[:16]}...): reinstall the package that ships it"
                 )
-    detector = SCRFD(paths["det"], sha256=hashes["det"], threads=threads)
+    detector = SCRFD(paths["det"], sha256=hashes["det"], threads=threads, device=device)
     face = ArcFaceONNX(
         paths["rec"],
         sha256=hashes["rec"],
         threads=threads,
         input_mean=spec.input_mean,
         input_std=spec.input_std,
+        device=device,
     )
     text_factory: Callable[[], TextEncoder] | None = None
     if text:
@@ -317,8 +328,9 @@ def load_models(
             )
         factory = _TEXT_MODELS[text]
         tdir = Path(text_dir) if text_dir is not None else None
+        takes_device = device != "cpu" and "device" in inspect.signature(factory).parameters
 
         def text_factory() -> TextEncoder:
-            return factory(tdir)
+            return factory(tdir, device=device) if takes_device else factory(tdir)  # type: ignore[call-arg]
 
     return ModelPack(detector=detector, face=face, text=text_factory, name=spec.name)

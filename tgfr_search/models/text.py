@@ -10,9 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MiniLM", "TextEncoder", "TextEncoding"]
 
@@ -50,7 +53,9 @@ class TextEncoder(Protocol):
 class MiniLM:
     """A BERT-family sentence encoder from a local folder (all-MiniLM-L6-v2 by default).
 
-    torch and transformers are imported on the first `encode`, not when this module is.
+    torch and transformers are imported on the first `encode`, not when this module is. On a
+    CUDA device the weights run in fp16 (`half=None` means: fp16 on CUDA, float32 on CPU);
+    pooling and normalisation stay in float32.
     """
 
     def __init__(
@@ -58,8 +63,9 @@ class MiniLM:
         model_dir: str | os.PathLike[str],
         *,
         max_length: int = 64,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         device: str = "cpu",
+        half: bool | None = None,
         name: str = "minilm",
     ) -> None:
         self.model_dir = Path(model_dir)
@@ -72,8 +78,10 @@ class MiniLM:
             raise ModelFileError(f"cannot read text model config {config_path}: {exc}") from None
         self.dim = int(config["hidden_size"])
         self.max_length = int(max_length)
-        self.batch_size = max(1, int(batch_size))
+        on_gpu = device != "cpu"
+        self.batch_size = max(1, int(batch_size or (1024 if on_gpu else 64)))
         self.device = device
+        self.half = on_gpu if half is None else bool(half)
         self.name = name
         self._model: Any = None
         self._tokenizer: Any = None
@@ -108,12 +116,60 @@ class MiniLM:
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
                 model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
                 model.eval().to(self.device)
+                if self.half:
+                    model.half()
                 self._tokenizer, self._model = tokenizer, model
         return self._tokenizer, self._model
+
+    def encode_tensors(
+        self, texts: Sequence[str], *, tokens: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`encode` as float32 tensors left on the device: (tokens or None, mask, sentence).
+
+        `tokens=False` skips the per-token states (N x L x dim floats) for callers that need the
+        sentence vectors alone.
+        """
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        clean = [_sanitise(t, self.max_length * _CHARS_PER_TOKEN_CAP) for t in texts]
+        if not clean:
+            return (
+                torch.zeros((0, 0, self.dim), device=self.device) if tokens else None,
+                torch.zeros((0, 0), dtype=torch.bool, device=self.device),
+                torch.zeros((0, self.dim), device=self.device),
+            )
+        tokenizer, model = self._load()
+        batch = tokenizer(
+            clean, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        states, pooled_parts = [], []
+        with torch.inference_mode():
+            for start in range(0, len(clean), self.batch_size):
+                part = {k: v[start : start + self.batch_size] for k, v in batch.items()}
+                hidden = model(**part).last_hidden_state.float()
+                mask = part["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                pooled_parts.append(torch.nn.functional.normalize(pooled, p=2, dim=1))
+                if tokens:
+                    states.append(hidden * mask)
+        mask_t = batch["attention_mask"].bool()
+        return (torch.cat(states) if tokens else None), mask_t, torch.cat(pooled_parts)
 
     def encode(self, texts: Sequence[str]) -> TextEncoding:
         """Encode texts; long ones are truncated to `max_length` tokens, empty ones are fine."""
         import torch
+
+        if self.device != "cpu":
+            states, mask_t, sentence_t = self.encode_tensors(texts)
+            assert states is not None
+            return TextEncoding(
+                tokens=states.cpu().numpy(),
+                mask=mask_t.cpu().numpy(),
+                sentence=sentence_t.cpu().numpy(),
+            )
 
         if isinstance(texts, str):
             texts = [texts]
