@@ -217,3 +217,44 @@ def test_verify_same_person_scores_higher(make_engine, ten) -> None:
     (a, b), (c, d) = [(p[0], p[1]) for p in list(ten.values())[:2]]
     same, other = engine.verify(a, b).score, engine.verify(a, c).score
     assert same > 0.3 > other
+
+
+def test_every_mode_with_the_shipped_model(make_engine, ten) -> None:
+    """The packaged TGFR checkpoint fills fused, aligned and caption vectors; auto picks."""
+    names = list(ten)
+    captioned = make_engine("captioned")
+    items = [
+        EnrollItem(p[0], n, caption=f"a {'man' if i % 2 else 'woman'} in photo {i}")
+        for i, (n, p) in enumerate(ten.items())
+    ]
+    captioned.enroll_many(items)
+    assert captioned.info()["spaces"] == ["face", "fused", "aligned", "caption"]
+    probe = ten[names[3]][1]
+    fused = captioned.query(probe, caption="a man in a photo", k=3)
+    assert fused.mode == "fused" and fused[0].identity == names[3]
+    assert set(fused[0].scores) == {"face", "text", "fused"}
+    assert fused.threshold == captioned.threshold("fused") and fused[0].decision is True
+    assert fused.quality is not None and fused.quality.norm > 0
+    text = captioned.query(caption="a man in photo 3", mode="text", k=10)
+    assert text.mode == "text" and len(text) == 10 and text.quality is None
+    assert {m.identity for m in text} == set(names)
+    assert all(m.decision in (True, False) for m in text)
+
+    bare = make_engine("bare")  # mugshots without descriptions: refine serves the caption
+    bare.enroll_many([EnrollItem(p[0], n) for n, p in ten.items()])
+    image = bare.query(probe, k=10)
+    refined = bare.query(probe, caption="a man in a photo", k=10)
+    assert refined.mode == "refine" and refined[0].identity == names[3]
+    assert {m.identity for m in refined} == {m.identity for m in image}
+    assert set(refined[0].scores) == {"face", "text", "refine"}
+    assert bare.query(caption="a man", mode="text", k=2).mode == "text"
+
+
+def test_thresholds_are_calibrated_per_mode_and_far(make_engine) -> None:
+    engine = make_engine()
+    for mode in ("image", "fused", "refine", "text"):
+        loose, default, strict = (engine.threshold(mode, f) for f in (1e-2, None, 1e-4))
+        assert loose < default < strict
+        assert default == engine.threshold(mode, 1e-3)
+    with pytest.raises(ValueError, match="no threshold calibrated at FAR 0.05"):
+        engine.threshold("image", 0.05)

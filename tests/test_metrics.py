@@ -148,3 +148,12 @@ def test_protocol_test_and_val():
     assert v.gallery.tolist() == [8, 7] and v.probes.tolist() == [9] and v.mate.tolist() == [0]
     o = build_protocol(rows, "test", open_set=1.0)
     assert (o.mate == -1).all() and o.gallery.tolist() == [5]
+
+
+def test_rank_k_breaks_ties_in_expectation() -> None:
+    # The mate ties with three others: in the top 1 with probability 1/4, top 2 with 1/2.
+    scores = np.array([[0.5, 0.5, 0.5, 0.5, 0.1]])
+    assert metrics.rank_k(scores, np.array([0]), [1, 2, 4, 5]) == [0.25, 0.5, 1.0, 1.0]
+    # A mate that scores like every entry (an empty caption) is not "found at rank 1".
+    flat = np.zeros((1, 100))
+    assert metrics.rank_k(flat, np.array([3]), 1) == pytest.approx(0.01)

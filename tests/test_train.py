@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from tgfr_search.models.tgfr import TGFR, TGFRConfig
-from tgfr_search.training.evaluate import build_protocol, evaluate
+from tgfr_search.training.evaluate import build_protocol, evaluate, refine_scores, words_matrix
 from tgfr_search.training.train import TrainOptions, train, tune_score_fusion
 
 
@@ -240,3 +241,39 @@ def test_hard_batches_hold_distinct_people(fake):
             len(set(people.tolist())) == 10 and (b["labels"].reshape(-1, 2)[:, 1] == people).all()
         )
         assert (b["cap_g"] != b["cap_p"]).all()
+
+
+def test_training_calibrates_what_the_engine_needs(fake, tmp_path):
+    summary = train(fake, tmp_path / "ck", config=SMALL, options=FAST)
+    model = summary.pop("model")
+    json.dumps(summary)  # the CLI prints it with --json
+    assert set(summary["thresholds"]) == {"image", "fused", "refine", "text"}
+    for by_far in summary["thresholds"].values():
+        assert set(by_far) == {"0.01", "0.001", "0.0001"}
+        # A stricter false accept rate needs a higher score.
+        assert by_far["0.01"] <= by_far["0.001"] <= by_far["0.0001"]
+    assert summary["refine"]["k"] >= 1 and summary["refine"]["weight"] >= 0
+    assert summary["text"]["caption_weight"] >= 0
+    assert summary["calibration"]["split"] == "val"
+    assert TGFR.load(tmp_path / "ck").summary["thresholds"] == summary["thresholds"]
+    for mode in ("refine", "text", "words"):
+        res = evaluate(fake, split="test", level=3, mode=mode, model=model)
+        assert res["mode"] == mode and 0 <= res["rank1"] <= res["rank5"] <= 1
+
+
+def test_refine_reranks_only_the_image_shortlist():
+    face = np.array([[0.9, 0.8, 0.1, 0.0]])
+    text = np.array([[0.0, 0.5, 1.0, 1.0]])
+    q = np.array([0.0])
+    s = refine_scores(face, text, q, {"k": 2, "weight": 0.4, "slope": 0.0})
+    assert s[0, 1] > s[0, 0]  # the caption lifts the second candidate past the first
+    assert (s[0, 2:] < -1).all()  # outside the image shortlist: not returned
+    # A worse face (lower q) with a negative slope leans on the caption more.
+    hi = refine_scores(face, text, np.array([2.0]), {"k": 4, "weight": 0.1, "slope": -0.1})
+    lo = refine_scores(face, text, np.array([-2.0]), {"k": 4, "weight": 0.1, "slope": -0.1})
+    assert lo[0, 2] - face[0, 2] > hi[0, 2] - face[0, 2] == 0.0
+
+
+def test_words_baseline_merges_synonyms():
+    m = words_matrix([{"woman", "glasses"}], [{"woman", "glasses"}, {"man", "beard"}])
+    assert m[0, 0] == pytest.approx(1.0) and m[0, 1] == 0.0

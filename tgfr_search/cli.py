@@ -549,10 +549,12 @@ def train(
         fingerprints=features.meta.get("fingerprints"),
         progress=None if as_json else _stderr,
     )
+    summary.pop("model")
     if as_json:
         _emit(summary)
     else:
-        click.echo(f"saved {out}: {json.dumps(summary.get('val', summary), default=str)}")
+        best = summary["best"]
+        click.echo(f"saved {out}: epoch {best['epoch']}, val {json.dumps(best['val'])}")
 
 
 @cli.command()
@@ -573,10 +575,11 @@ def train(
 )
 @click.option(
     "--mode",
-    type=click.Choice(["image", "fused", "score"]),
+    type=click.Choice(["image", "fused", "refine", "text", "score", "words"]),
     default="image",
     show_default=True,
-    help="image: ArcFace; fused: TGFR; score: score-level fusion.",
+    help="image: ArcFace; fused: TGFR; refine: image shortlist re-ranked by the caption; "
+    "text: the caption alone; score, words: the score-fusion and bag-of-words baselines.",
 )
 @click.option(
     "--model",

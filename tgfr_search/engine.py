@@ -760,7 +760,7 @@ class SearchEngine:
         subset: np.ndarray | None,
     ) -> Iterator[tuple[int, list[tuple[float, FaceInfo]], dict[str, np.ndarray]]]:
         """Search one mode's probes together; yields (row, ranked faces, probe vectors)."""
-        crops = [probes[i].crop for i in rows]  # type: ignore[union-attr]
+        crops = [] if mode == "text" else [probes[i].crop for i in rows]  # type: ignore[union-attr]
         caps = [captions[i] for i in rows]
         vecs: dict[str, np.ndarray] = {}
         runtime = self.tgfr if mode != "image" else None

@@ -32,6 +32,7 @@ import numpy as np
 
 from tgfr_search.errors import TGFRError
 from tgfr_search.training import metrics
+from tgfr_search.training.calibrate import calibrate
 from tgfr_search.training.evaluate import (
     build_protocol,
     caption_positions,
@@ -657,6 +658,8 @@ def train(
         "train_seconds": round(seconds, 1),
     }
     summary["score_fusion"] = tune_score_fusion(cache)["best"]
+    # What the engine needs beyond the weights: refine's and text's weights, mode thresholds.
+    summary.update(calibrate(model, cache))
     if fingerprints is None:
         meta = getattr(cache, "meta", {}) or {}
         fingerprints = {
