@@ -336,3 +336,29 @@ def test_model_pack_accepts_encoder_or_factory(pack: ModelPack) -> None:
     assert "<lazy>" in repr(lazy) and not calls
     assert lazy.text is fake and lazy.text is fake and calls == [1]
     assert ModelPack(pack.detector, pack.face).text is None
+
+
+def test_device_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tgfr_search.errors import MissingDependency
+    from tgfr_search.models import torch_onnx
+
+    assert torch_onnx.resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        torch_onnx.resolve_device("gpu")
+    monkeypatch.setattr(torch_onnx, "cuda_available", lambda: False)
+    assert torch_onnx.resolve_device("auto") == "cpu"
+    with pytest.raises(MissingDependency, match="no CUDA device"):
+        torch_onnx.resolve_device("cuda:0")
+    # A GPU without the `gpu` extra: auto stays on the CPU; asking for CUDA names the extra.
+    monkeypatch.setattr(torch_onnx, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch_onnx, "_has_onnx2torch", lambda: False)
+    assert torch_onnx.resolve_device("auto") == "cpu"
+    with pytest.raises(MissingDependency, match=r"tgfr-search\[gpu\]"):
+        torch_onnx.resolve_device("cuda")
+
+
+def test_cpu_device_keeps_onnxruntime() -> None:
+    cpu = load_models(device="cpu")
+    assert cpu.detector.session is not None and cpu.face.session is not None
+    assert cpu.face.device == "cpu" and cpu.face.batch_size == 8
+    assert cpu.detector.batch_size == 4
