@@ -508,11 +508,12 @@ def _cache(
 )
 @click.option(
     "--variant",
-    type=click.Choice(["global", "full", "no-wrcl"]),
-    default="global",
+    type=click.Choice(["banded", "global", "full", "no-wrcl"]),
+    default="banded",
     show_default=True,
-    help="global: the shipped recipe (no regions or words); full: TGFR with word-region "
-    "attention; no-wrcl: full without the word-region loss.",
+    help="banded: the shipped recipe (global fusion; the aligned head also reads the region "
+    "map pooled in bands); global: no region input; full: TGFR with word-region attention; "
+    "no-wrcl: full without the word-region loss.",
 )
 @click.option("--epochs", type=int, help="Override the number of epochs.")
 @click.option("--seed", default=0, show_default=True)
@@ -536,13 +537,16 @@ def train(
 
     # Training reads train and val only; test and distractors are cached by `evaluate`.
     features = _cache(manifest, lfw, cache or out / "features", ("train", "val"))
-    ablation, options = RECIPES[variant]
+    from tgfr_search.models.tgfr import TGFRConfig
+
+    ablation, config, options = RECIPES[variant]
     summary = run_training(
         features,
         out,
         device=device,
         stages=stages,
         ablation=ablation,
+        config=TGFRConfig(**config),
         options=options,
         epochs=epochs,
         seed=seed,

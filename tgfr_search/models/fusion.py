@@ -130,8 +130,8 @@ class TGFRRuntime:
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """`embed` on the GPU: one copy back per space, the region map only where used."""
         t = self._torch
-        use_regions = self.model.config.use_regions
-        globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=use_regions)
+        needs = self.model.config.needs_regions
+        globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=needs)
         texts = [c if c and c.strip() else "" for c in captions]
         distinct = sorted(set(texts))
         pos = {x: i for i, x in enumerate(distinct)}

@@ -57,6 +57,10 @@ class TGFRConfig:
     ngrams: tuple[int, ...] = (1, 2, 3)
     use_regions: bool = True
     """False: the global-only ablation (no regions, no words, no cross-attention)."""
+    pooled_regions: bool = False
+    """Feed the aligned image head the region map pooled over the whole face and over three
+    horizontal bands (hair and forehead, eyes, mouth and chin) beside the ArcFace embedding:
+    the global embedding is trained to ignore what captions describe (hair, glasses, beard)."""
     regions_attend_words: bool = True
     """Also let regions attend to words (the second cross-attention direction)."""
     face_residual: bool = True
@@ -73,6 +77,11 @@ class TGFRConfig:
     @property
     def fused_dim(self) -> int:
         return self.face_dim + self.cross_dim
+
+    @property
+    def needs_regions(self) -> bool:
+        """Whether the image side reads the region map (cross-attention or pooled bands)."""
+        return self.use_regions or self.pooled_regions
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,6 +151,17 @@ def wrcl_scores(
     return torch.logsumexp(r, dim=2) / gamma2
 
 
+def pool_regions(regions: Tensor) -> Tensor:
+    """(B, R, C) region map of a square grid -> (B, 4C): unit mean over the face, then over
+    its top, middle and bottom bands of rows."""
+    b, r, c = regions.shape
+    side = math.isqrt(r)
+    grid = regions.reshape(b, side, side, c)
+    cut = [round(side * k / 3) for k in range(4)]  # 7 rows: 0-2, 2-5, 5-7
+    parts = [grid.mean((1, 2))] + [grid[:, cut[k] : cut[k + 1]].mean((1, 2)) for k in range(3)]
+    return torch.cat([_l2(p) for p in parts], dim=1)
+
+
 class TGFR(nn.Module):
     """FCAM + FCFM heads over frozen ArcFace (global + regions) and MiniLM (tokens + sentence)."""
 
@@ -150,7 +170,8 @@ class TGFR(nn.Module):
         c = self.config = config or TGFRConfig()
         d = c.embed_dim
         # FCAM
-        self.img_global = _Mlp(c.face_dim, 2 * d, d, c.dropout)
+        pooled = 4 * c.region_dim if c.pooled_regions else 0
+        self.img_global = _Mlp(c.face_dim + pooled, 2 * d, d, c.dropout)
         self.sent = _Mlp(c.text_dim, 2 * d, d, c.dropout)
         if c.use_regions:
             self.region_in = nn.Linear(c.region_dim, d)
@@ -227,7 +248,12 @@ class TGFR(nn.Module):
         """Image parts: face (B,512) unit, q (B,), global (B,256) unit, regions (B,R,256) unit."""
         g = _l2(globals_.float())
         q = self.quality(norms)
-        out = {"arcface": g, "q": q, "global": _l2(self.img_global(g))}
+        x = g
+        if self.config.pooled_regions:
+            if regions is None:
+                raise ValueError("this TGFR model reads the region map: pass regions")
+            x = torch.cat([g, pool_regions(regions.float())], dim=1)
+        out = {"arcface": g, "q": q, "global": _l2(self.img_global(x))}
         out["face"] = self.face_part(g, q)
         if self.config.use_regions and regions is not None:
             x = self.region_in(regions.float()) + self.region_pos

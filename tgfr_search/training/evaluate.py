@@ -221,7 +221,7 @@ def fusion_parts(
             length = max(int(tmask.sum(1).max(initial=1)), 1)  # drop all-padding positions
             regions = (
                 torch.as_tensor(np.asarray(face.regions[fp]), dtype=torch.float32).to(device)
-                if model.config.use_regions
+                if model.config.needs_regions
                 else None
             )
             img = model.encode_image(
@@ -296,12 +296,24 @@ def aligned_images(
     face = cache.face(variant)
     pos = _positions(np.asarray(face.image, dtype=np.int64), rows_wanted, f"{variant} face")
     model.eval()
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     with torch.no_grad():
-        img = model.encode_image(
-            torch.as_tensor(np.asarray(face.globals[pos]), dtype=torch.float32).to(device),
-            torch.as_tensor(np.asarray(face.norms[pos]), dtype=torch.float32).to(device),
-        )
-    return img["global"].float().cpu().numpy(), img["q"].float().cpu().numpy()
+        for s in range(0, len(pos), 1024):
+            p = pos[s : s + 1024]
+            regions = (
+                torch.as_tensor(np.asarray(face.regions[p]), dtype=torch.float32).to(device)
+                if model.config.needs_regions
+                else None
+            )
+            img = model.encode_image(
+                torch.as_tensor(np.asarray(face.globals[p]), dtype=torch.float32).to(device),
+                torch.as_tensor(np.asarray(face.norms[p]), dtype=torch.float32).to(device),
+                regions,
+            )
+            out.append((img["global"].float().cpu().numpy(), img["q"].float().cpu().numpy()))
+    if not out:
+        return np.zeros((0, model.config.embed_dim), np.float32), np.zeros(0, np.float32)
+    return np.concatenate([g for g, _ in out]), np.concatenate([q for _, q in out])
 
 
 def aligned_captions(

@@ -104,13 +104,25 @@ class TrainOptions:
     threads: int | None = None
 
 
-#: What `tgfr-search train --variant` runs: (ablation, options). "global" is the shipped
-#: checkpoint's recipe (experiment g4): on val it measured level with the full model, and on test
-#: above it (benchmarks/README.md), at a tenth of the training time.
-RECIPES: dict[str, tuple[str | None, TrainOptions]] = {
-    "global": ("global_only", TrainOptions(people_per_batch=48, steps_per_epoch=None, threads=1)),
-    "full": (None, TrainOptions(threads=1)),
-    "no-wrcl": ("no_wrcl", TrainOptions(threads=1)),
+#: What `tgfr-search train --variant` runs: (ablation, config overrides, options). "banded" is
+#: the shipped checkpoint's recipe (experiment p1x10, EXPERIMENTS.md): the global-only fusion,
+#: whose aligned image head also reads the region map pooled in bands, with a longer align
+#: stage. It measured best on val (fused, text and refine together) and on test above the full
+#: model (benchmarks/README.md), at a fraction of its training time. "global" is the ablation
+#: without any region input.
+RECIPES: dict[str, tuple[str | None, dict[str, Any], TrainOptions]] = {
+    "banded": (
+        "global_only",
+        {"pooled_regions": True},
+        TrainOptions(epochs_align=10, people_per_batch=48, steps_per_epoch=None, threads=1),
+    ),
+    "global": (
+        "global_only",
+        {},
+        TrainOptions(people_per_batch=48, steps_per_epoch=None, threads=1),
+    ),
+    "full": (None, {}, TrainOptions(threads=1)),
+    "no-wrcl": ("no_wrcl", {}, TrainOptions(threads=1)),
 }
 
 
@@ -463,7 +475,7 @@ def train(
     if ablation == "global_only":
         cfg = replace(cfg, use_regions=False)
     use_wrcl = cfg.use_regions and ablation != "no_wrcl" and opts.w_wrcl > 0
-    data = _TrainData(cache, cfg.use_regions, dev)
+    data = _TrainData(cache, cfg.needs_regions, dev)
     face0 = cache.face("L0")
     cfg = replace(
         cfg,
@@ -524,7 +536,7 @@ def train(
                 g, nr, r = data.image_batch(
                     np.concatenate([b["idx"], b["idx"]]),
                     ["L0"] * n + list(b["probe_v"]),
-                    cfg.use_regions,
+                    cfg.needs_regions,
                 )
                 tok, mask, sent = data.text_batch(
                     np.concatenate([b["cap_g"], b["cap_p"]]), cfg.use_regions
