@@ -1,11 +1,27 @@
-"""Enrollment throughput on real LFW photos, with insightface's FaceAnalysis as the yardstick.
+"""Enrollment throughput on real LFW faces, each mode with its yardstick measured in the same run.
 
-Both sides see the same images in the same run. Ours: `SearchEngine.enroll_many` end to end
-(decode, detect, align, embed, SQLite rows, FAISS index). Yardstick: insightface `FaceAnalysis`
-(detection + recognition, the same two ONNX files) one image at a time, `cv2.imread` + `app.get`.
-Model loading is timed apart and excluded from both rates.
+Modes (`--modes`, comma-separated):
 
-    python benchmarks/enroll_throughput.py [--lfw DIR] [--out results/enroll_throughput.json]
+* `raw`: the raw 250x250 photos without captions. Ours: `SearchEngine.enroll_many` end to end
+  (decode, detect, align, embed, SQLite rows, index). Yardstick: insightface `FaceAnalysis`
+  (detection + recognition, the same two ONNX files) one image at a time, `cv2.imread` +
+  `app.get`.
+* `raw-captions`: the same photos with a caption each (text encoder and TGFR heads too: the
+  fused and aligned vectors are filled).
+* `aligned`: pre-aligned 112x112 crops with captions, `enroll_many(..., aligned=True)`: crops
+  and captions in; face, fused, aligned and caption vectors in the index and rows (with PNG
+  crops) in SQLite out. Yardstick on CPU: insightface's recogniser (`get_feat`) one crop at a
+  time; on a GPU: our recogniser alone in fp16 on crops already in memory (the bare model,
+  no text, heads, PNG or SQLite).
+
+Captions come from the dataset's attributes through the project's caption generator (one per
+image). `--copies K` enrolls K copies of every aligned crop, given as in-memory RGB arrays, each
+copy with a few pixels' lowest bit changed so that it is a new face to the engine (same
+throughput, K times the faces: a long enough run on a GPU from a few thousand real crops).
+Model loading is timed apart and excluded from every rate.
+
+    python benchmarks/enroll_throughput.py [--modes raw,raw-captions,aligned] [--device cpu]
+        [--lfw DIR] [--copies K] [--batch-size B] [--out results/enroll_throughput.json]
 """
 
 from __future__ import annotations
@@ -17,6 +33,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LFW, machine, table, write_json  # noqa: E402
@@ -28,7 +47,19 @@ def vectron_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def yardstick(images: list[Path], repeats: int) -> dict[str, float]:
+def captions_for(lfw: Path, paths: list[Path]) -> list[str]:
+    """One generated caption per image (the first of the manifest's), by `Person/file.jpg`."""
+    from tgfr_search.training.lfw import iter_manifest
+
+    table_ = {r["image"].split("/", 1)[1]: r["captions"] for r in iter_manifest(lfw)}
+    out = []
+    for p in paths:
+        caps = table_.get(f"{p.parent.name}/{p.name}") or ["A photo of a person."]
+        out.append(caps[0])
+    return out
+
+
+def yardstick_raw(images: list[Path], repeats: int) -> dict[str, Any]:
     import cv2
     from insightface.app import FaceAnalysis
 
@@ -50,51 +81,233 @@ def yardstick(images: list[Path], repeats: int) -> dict[str, float]:
             for path in images:
                 faces += bool(app.get(cv2.imread(str(path))))
             rates.append(len(images) / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(rates), "load_s": load, "with_face": faces}
+    return {"rate": statistics.median(rates), "load_s": load, "faces": faces, "n": len(images)}
 
 
-def ours(images: list[Path], repeats: int, captions: bool) -> dict[str, float]:
-    from tgfr_search import EnrollItem, SearchEngine
+def yardstick_aligned_cpu(files: list[Path], repeats: int) -> dict[str, Any]:
+    """insightface's ArcFace recogniser, one crop at a time (`cv2.imread` + `get_feat`)."""
+    import cv2
+    from insightface.model_zoo import get_model
 
-    rates, load = [], 0.0
+    t0 = time.perf_counter()
+    rec = get_model(str(vectron_folder() / "w600k_mbf.onnx"), providers=["CPUExecutionProvider"])
+    rec.prepare(ctx_id=-1)
+    load = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for path in files:
+            rec.get_feat(cv2.imread(str(path)))
+        rates.append(len(files) / (time.perf_counter() - t0))
+    return {"rate": statistics.median(rates), "load_s": load, "faces": len(files), "n": len(files)}
+
+
+def yardstick_aligned_gpu(crops: list[np.ndarray], device: str, repeats: int) -> dict[str, Any]:
+    """Our recogniser alone in fp16 on the GPU, crops already decoded in memory."""
+    import torch
+
+    from tgfr_search.models import load_models
+
+    t0 = time.perf_counter()
+    face = load_models(device=device, text=None).face
+    face.embed(crops[:256])
+    torch.cuda.synchronize()
+    load = time.perf_counter() - t0
+    rates = []
+    for _ in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        face.embed(crops)
+        rates.append(len(crops) / (time.perf_counter() - t0))
+    return {"rate": statistics.median(rates), "load_s": load, "faces": len(crops), "n": len(crops)}
+
+
+def marked_copies(crops_rgb: list[np.ndarray], copies: int) -> list[tuple[int, np.ndarray]]:
+    """(source index, RGB array) for `copies` copies of each crop, each copy's pixels unique."""
+    assert copies <= 256
+    out = []
+    for c in range(copies):
+        bits = np.array([(c >> b) & 1 for b in range(8)], dtype=np.uint8)
+        for i, crop in enumerate(crops_rgb):
+            if c == 0:
+                out.append((i, crop))
+                continue
+            x = crop.copy()
+            x[0, :8, 0] ^= bits  # the lowest bit of 8 corner pixels: invisible, a new face
+            out.append((i, x))
+    return out
+
+
+def ours(
+    items_fn: Any,
+    n_images: int,
+    *,
+    aligned: bool,
+    device: str,
+    repeats: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Median rate of `enroll_many` over fresh engines; checks rows, vectors and index sizes."""
+    from tgfr_search import SearchEngine
+
+    rates, load, checks = [], 0.0, {}
     for r in range(repeats):
-        with tempfile.TemporaryDirectory() as tmp, SearchEngine(Path(tmp) / "db") as engine:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            SearchEngine(Path(tmp) / "db", device=device) as engine,
+        ):
             t0 = time.perf_counter()
-            _ = engine.models
-            if captions:
-                engine.models.text.encode(["warm up"])
-            load = max(load, time.perf_counter() - t0) if r == 0 else load
-            items = [
-                EnrollItem(p, p.parent.name, caption="a person" if captions else None)
-                for p in images
-            ]
+            runtime = engine.tgfr  # loads the face models too
+            warm = np.zeros((112, 112, 3), np.uint8)
+            if runtime is not None:
+                runtime.text.encode(["warm up"])
+                runtime.embed([warm] * 2, ["warm up", None])
+            engine.models.face.embed([warm])
+            if not aligned:
+                engine.models.detector.detect([np.zeros((250, 250, 3), np.uint8)])
+            if r == 0:
+                load = time.perf_counter() - t0
+            items = items_fn()
             t0 = time.perf_counter()
-            report = engine.enroll_many(items)
-            rates.append(len(images) / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(rates), "load_s": load, "with_face": report.enrolled}
+            report = engine.enroll_many(items, aligned=aligned, batch_size=batch_size)
+            seconds = time.perf_counter() - t0
+            rates.append(report.enrolled / seconds)
+            faces, identities = engine.store.counts()
+            spaces = engine.info()["spaces"]
+            checks = {
+                "enrolled": report.enrolled,
+                "rows": faces,
+                "identities": identities,
+                "skipped": len(report.skipped),
+                "duplicates": len(report.duplicates),
+                "spaces": spaces,
+                "index_sizes": {s: len(engine._index(s).sync()) for s in spaces},
+                "seconds": round(seconds, 3),
+            }
+    return {
+        "rate": statistics.median(rates),
+        "rates": [round(x, 1) for x in rates],
+        "load_s": load,
+        "n": n_images,
+        **checks,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lfw", type=Path, default=LFW)
+    ap.add_argument("--modes", default="raw", help="raw, raw-captions, aligned (comma-separated)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (ours; yardsticks: CPU)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=0, help="at most this many aligned crops")
+    ap.add_argument("--copies", type=int, default=1, help="copies of each aligned crop (<= 256)")
+    ap.add_argument("--batch-size", type=int, default=32, help="enroll_many's batch_size")
+    ap.add_argument("--no-yardstick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/enroll_throughput.json"))
     args = ap.parse_args()
-    images = sorted((args.lfw / "raw").glob("*/*.jpg"))
-    if not images:
-        sys.exit(f"no LFW raw photos under {args.lfw}")
-    rows = []
-    ys = yardstick(images, args.repeats)
-    rows.append({"system": "insightface FaceAnalysis, one image at a time", **ys})
-    ob = ours(images, args.repeats, captions=False)
-    rows.append({"system": "tgfr-search enroll_many (raw photos, no captions)", **ob})
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    from tgfr_search import EnrollItem
+    from tgfr_search.images import load_image
+    from tgfr_search.models.torch_onnx import resolve_device
+
+    device = resolve_device(args.device)
+    rows: list[dict[str, Any]] = []
+
+    def add(system: str, mode: str, result: dict[str, Any], unit: str) -> dict[str, Any]:
+        row = {"system": system, "mode": mode, "unit": unit, **result}
+        rows.append(row)
+        return row
+
+    if {"raw", "raw-captions"} & set(modes):
+        images = sorted((args.lfw / "raw").glob("*/*.jpg"))
+        if not images:
+            sys.exit(f"no LFW raw photos under {args.lfw}")
+        caps = captions_for(args.lfw, images) if "raw-captions" in modes else []
+        base = None
+        if not args.no_yardstick:
+            base = add(
+                "insightface FaceAnalysis, one image at a time (CPU)",
+                "raw",
+                yardstick_raw(images, args.repeats),
+                "images/s",
+            )
+        for mode in ("raw", "raw-captions"):
+            if mode not in modes:
+                continue
+            with_caps = mode == "raw-captions"
+
+            def raw_items(with_caps: bool = with_caps) -> list[Any]:
+                return [
+                    EnrollItem(p, p.parent.name, caption=caps[i] if with_caps else None)
+                    for i, p in enumerate(images)
+                ]
+
+            row = add(
+                f"tgfr-search enroll_many ({mode}, {device})",
+                mode,
+                ours(
+                    raw_items,
+                    len(images),
+                    aligned=False,
+                    device=device,
+                    repeats=args.repeats,
+                    batch_size=args.batch_size,
+                ),
+                "images/s",
+            )
+            if base:
+                row["vs_yardstick"] = round(row["rate"] / base["rate"], 2)
+
+    if "aligned" in modes:
+        files = sorted((args.lfw / "aligned112").glob("*/*.jpg"))
+        if args.limit:
+            files = files[: args.limit]
+        if not files:
+            sys.exit(f"no LFW aligned crops under {args.lfw}")
+        caps = captions_for(args.lfw, files)
+        rgb = [load_image(f)[:, :, ::-1].copy() for f in files]
+        copies = marked_copies(rgb, args.copies)
+        base = None
+        if not args.no_yardstick:
+            if device == "cpu":
+                result = yardstick_aligned_cpu(files, args.repeats)
+                name = "insightface recogniser get_feat, one crop at a time (CPU, no text)"
+            else:
+                bgr = [x[:, :, ::-1].copy() for _, x in copies]
+                result = yardstick_aligned_gpu(bgr, device, args.repeats)
+                name = f"our recogniser alone, fp16 on {device}, crops in memory (no text)"
+            base = add(name, "aligned", result, "faces/s")
+
+        def aligned_items() -> list[Any]:
+            return [
+                EnrollItem(x, files[i].parent.name, caption=caps[i], source=f"{files[i]}#{n}")
+                for n, (i, x) in enumerate(copies)
+            ]
+
+        row = add(
+            f"tgfr-search enroll_many (aligned + captions, {device})",
+            "aligned",
+            ours(
+                aligned_items,
+                len(copies),
+                aligned=True,
+                device=device,
+                repeats=args.repeats,
+                batch_size=args.batch_size,
+            ),
+            "faces/s",
+        )
+        row["unique_crops"], row["copies"] = len(files), args.copies
+        if base:
+            row["vs_yardstick"] = round(row["rate"] / base["rate"], 3)
+
     for r in rows:
-        r["speedup"] = round(r["images_per_s"] / ys["images_per_s"], 2)
-        r["images_per_s"] = round(r["images_per_s"], 1)
+        r["rate"] = round(r["rate"], 1)
         r["load_s"] = round(r["load_s"], 2)
-    print(f"{len(images)} LFW raw photos (250x250), median of {args.repeats} runs")
-    print(table(rows, ["system", "images_per_s", "speedup", "load_s", "with_face"]))
-    write_json(args.out, {"machine": machine(), "images": len(images), "rows": rows})
+    print(f"device {device}, batch_size {args.batch_size}, median of {args.repeats} runs")
+    print(table(rows, ["system", "rate", "unit", "vs_yardstick", "load_s", "n", "enrolled"]))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    doc = {"machine": machine(), "device": device, "args": settings}
+    write_json(args.out, doc | {"rows": rows})
 
 
 if __name__ == "__main__":

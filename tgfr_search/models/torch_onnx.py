@@ -86,7 +86,9 @@ class TorchGraph:
     Calling it returns the graph outputs in the graph's order, as torch tensors on the device.
     """
 
-    def __init__(self, model: onnx.ModelProto, device: str, *, half: bool = True) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, device: str, *, half: bool = True, channels_last: bool = True
+    ) -> None:
         import torch
 
         onnx2torch = _onnx2torch()
@@ -98,15 +100,15 @@ class TorchGraph:
         self.dtype = torch.float16 if half else torch.float32
         self.module = module.eval().to(self.device, self.dtype)
         # cuDNN's fp16 convolutions (depthwise ones above all) are fastest channels-last.
-        self.module = self.module.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module = self.module.to(memory_format=self.memory_format)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         import torch
 
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # onnx2torch's Slice indexes with a list
-            out = self.module(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+            out = self.module(x.to(self.dtype).contiguous(memory_format=self.memory_format))
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
