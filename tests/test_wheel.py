@@ -41,6 +41,11 @@ def test_wheel_ships_migrations_inside_the_package(wheel: Path) -> None:
     assert "tgfr_search/migrations/script.py.mako" in names
     assert "tgfr_search/migrations/versions/0001_initial.py" in names
     assert "tgfr_search/py.typed" in names
+    # The shipped TGFR checkpoint (a few MB), not the experiment log beside it.
+    assert {"tgfr_search/weights/model.safetensors", "tgfr_search/weights/config.json"} <= set(
+        names
+    )
+    assert not [n for n in names if n.endswith(".md")]
     top = {n.split("/")[0] for n in names}
     assert top == {
         "tgfr_search",
@@ -88,4 +93,6 @@ def test_wheel_in_fresh_venv_runs_the_cli(wheel: Path, tmp_path: Path, raw_peopl
     assert json.loads(run("enroll", str(gallery)).stdout)["enrolled"] == 3
     doc = json.loads(run("query", str(people[1][1][1])).stdout)
     assert doc["results"][0]["identity"] == people[1][0]
+    # The packaged checkpoint loads from the installed wheel: fused vectors were filled.
+    assert "fused" in json.loads(run("info").stdout)["spaces"]
     assert (db / "metadata.db").stat().st_mode & 0o077 == 0

@@ -57,7 +57,10 @@ def contact_sheet(
         ok = m.decision
         color = (0, 140, 0) if ok else (0, 0, 200) if ok is False else (80, 80, 80)
         cv2.rectangle(canvas, (x - 2, top - 2), (x + TILE + 1, top + TILE + 1), color, 2)
-        scores = [f"{k} {v:.3f}" for k, v in m.scores.items()][:2]
+        # The score the decision was taken on first, then the face score behind it.
+        decisive = "face" if matches.mode == "image" else matches.mode
+        order = sorted(m.scores, key=lambda k: (k != decisive, k != "face"))
+        scores = [f"{k} {m.scores[k]:.3f}" for k in order][:2]
         verdict = "match" if ok else "no match" if ok is False else ""
         _label(canvas, [f"{m.rank}. {m.identity[:16]}", *scores, verdict], x, top + TILE, color)
         x += TILE + PAD
