@@ -173,5 +173,10 @@ def test_verify_json(gallery, tmp_path: Path) -> None:
     (a, b), (c, _) = [(p[0], p[1]) for p in list(people.values())[:2]]
     same = json.loads(run(["verify", str(a), str(b), "--json"], tmp_path / "db").stdout)
     other = json.loads(run(["verify", str(a), str(c), "--json"], tmp_path / "db").stdout)
-    assert set(same) == {"score", "threshold", "decision", "faces_found"}
+    assert set(same) == {"mode", "score", "threshold", "decision", "faces_found"}
     assert same["score"] > other["score"]
+    assert (same["mode"], same["decision"], other["decision"]) == ("image", True, False)
+    caps = ["--captions", "a man", "a man"]
+    fused = json.loads(run(["verify", str(a), str(b), *caps, "--json"], tmp_path / "db").stdout)
+    assert fused["mode"] == "fused" and fused["decision"] is True
+    assert fused["threshold"] != same["threshold"]

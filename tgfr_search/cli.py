@@ -296,18 +296,31 @@ def query(
 @click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--aligned", is_flag=True, help="A and B are aligned 112x112 crops.")
 @click.option("--far", type=float, help="False accept rate of the decision threshold [1e-3].")
+@click.option(
+    "--captions",
+    nargs=2,
+    metavar="TEXT_A TEXT_B",
+    help="Describe both faces: compare their fused TGFR vectors instead of ArcFace alone.",
+)
 @json_option
 @click.pass_context
 @_library_errors
 def verify(
-    ctx: click.Context, a: Path, b: Path, aligned: bool, far: float | None, as_json: bool
+    ctx: click.Context,
+    a: Path,
+    b: Path,
+    aligned: bool,
+    far: float | None,
+    captions: tuple[str, str] | None,
+    as_json: bool,
 ) -> None:
     """Compare the faces in two images (1:1): score, threshold and decision."""
     with _engine(ctx) as engine:
-        v = engine.verify(a, b, aligned=aligned, far=far)
+        v = engine.verify(a, b, aligned=aligned, far=far, captions=captions)
     if as_json:
         _emit(
             {
+                "mode": v.mode,
                 "score": v.score,
                 "threshold": v.threshold,
                 "decision": v.decision,

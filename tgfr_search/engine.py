@@ -170,6 +170,7 @@ class Verification:
     faces_found: tuple[int, int]
     threshold: float | None = None
     decision: bool | None = None
+    mode: str = "image"
 
 
 @dataclass
@@ -942,18 +943,34 @@ class SearchEngine:
         return None
 
     def verify(
-        self, a: ImageLike, b: ImageLike, *, aligned: bool = False, far: float | None = None
+        self,
+        a: ImageLike,
+        b: ImageLike,
+        *,
+        aligned: bool = False,
+        far: float | None = None,
+        captions: tuple[str | None, str | None] | None = None,
     ) -> Verification:
-        """1:1 comparison of two images' most prominent faces (ArcFace cosine similarity)."""
+        """1:1 comparison of two images' most prominent faces.
+
+        ArcFace cosine similarity; with `captions` for both (a description of each face), the
+        cosine of their fused TGFR vectors, against the fused mode's threshold.
+        """
         pa, pb = self._probes([a, b], aligned)
         for p in (pa, pb):
             if isinstance(p, TGFRError):
                 raise p
-        va, vb = self.models.face.embed([pa.crop, pb.crop])  # type: ignore[union-attr]
+        crops = [pa.crop, pb.crop]  # type: ignore[union-attr]
+        mode = "fused" if captions and all(c and c.strip() for c in captions) else "image"
+        if mode == "fused":
+            vecs, _ = self._need_tgfr(mode).embed(crops, list(captions))  # type: ignore[arg-type]
+            va, vb = vecs[FUSED]
+        else:
+            va, vb = self.models.face.embed(crops)
         score = float(va @ vb)
-        threshold = self.threshold("image", far)
+        threshold = self.threshold(mode, far)
         decision = None if threshold is None else score > threshold
-        return Verification(score, (pa.faces, pb.faces), threshold, decision)
+        return Verification(score, (pa.faces, pb.faces), threshold, decision, mode)
 
     # -- management -------------------------------------------------------------------------
     def identities(self) -> list[tuple[str, int]]:
