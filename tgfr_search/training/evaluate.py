@@ -193,6 +193,17 @@ def caption_positions(cache: FeatureCache, rows_wanted: np.ndarray, caption: int
     return lookup[rows_wanted]
 
 
+def _encode_faces(model: TGFR, face: Any, pos: np.ndarray, device: str) -> dict[str, Any]:
+    """`model.encode_image` of cached face rows `pos` (with the region map where it reads it)."""
+    import torch
+
+    def tensor(x: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x[pos]), dtype=torch.float32).to(device)
+
+    regions = tensor(face.regions) if model.config.needs_regions else None
+    return model.encode_image(tensor(face.globals), tensor(face.norms), regions)
+
+
 def fusion_parts(
     model: TGFR,
     cache: FeatureCache,
@@ -219,16 +230,7 @@ def fusion_parts(
             tsafe = np.where(has, tp, 0)
             tmask = np.asarray(text.mask[tsafe])
             length = max(int(tmask.sum(1).max(initial=1)), 1)  # drop all-padding positions
-            regions = (
-                torch.as_tensor(np.asarray(face.regions[fp]), dtype=torch.float32).to(device)
-                if model.config.needs_regions
-                else None
-            )
-            img = model.encode_image(
-                torch.as_tensor(np.asarray(face.globals[fp]), dtype=torch.float32).to(device),
-                torch.as_tensor(np.asarray(face.norms[fp]), dtype=torch.float32).to(device),
-                regions,
-            )
+            img = _encode_faces(model, face, fp, device)
             txt = model.encode_text(
                 torch.as_tensor(np.asarray(text.tokens[tsafe][:, :length]), dtype=torch.float32).to(
                     device
@@ -299,17 +301,7 @@ def aligned_images(
     out: list[tuple[np.ndarray, np.ndarray]] = []
     with torch.no_grad():
         for s in range(0, len(pos), 1024):
-            p = pos[s : s + 1024]
-            regions = (
-                torch.as_tensor(np.asarray(face.regions[p]), dtype=torch.float32).to(device)
-                if model.config.needs_regions
-                else None
-            )
-            img = model.encode_image(
-                torch.as_tensor(np.asarray(face.globals[p]), dtype=torch.float32).to(device),
-                torch.as_tensor(np.asarray(face.norms[p]), dtype=torch.float32).to(device),
-                regions,
-            )
+            img = _encode_faces(model, face, pos[s : s + 1024], device)
             out.append((img["global"].float().cpu().numpy(), img["q"].float().cpu().numpy()))
     if not out:
         return np.zeros((0, model.config.embed_dim), np.float32), np.zeros(0, np.float32)
