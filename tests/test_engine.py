@@ -228,7 +228,7 @@ def test_every_mode_with_the_shipped_model(make_engine, ten) -> None:
         for i, (n, p) in enumerate(ten.items())
     ]
     captioned.enroll_many(items)
-    assert captioned.info()["spaces"] == ["face", "fused", "aligned", "caption"]
+    assert captioned.info()["spaces"] == ["face", "fused", "aligned"]  # caption weight 0
     probe = ten[names[3]][1]
     fused = captioned.query(probe, caption="a man in a photo", k=3)
     assert fused.mode == "fused" and fused[0].identity == names[3]
@@ -258,3 +258,22 @@ def test_thresholds_are_calibrated_per_mode_and_far(make_engine) -> None:
         assert default == engine.threshold(mode, 1e-3)
     with pytest.raises(ValueError, match="no threshold calibrated at FAR 0.05"):
         engine.threshold("image", 0.05)
+
+
+def test_text_mode_reads_gallery_captions_when_the_model_weights_them(
+    make_engine, ten, tmp_path: Path
+) -> None:
+    from tgfr_search.models.fusion import default_checkpoint
+    from tgfr_search.models.tgfr import TGFR
+
+    model = TGFR.load(default_checkpoint())
+    model.summary["text"] = {"caption_weight": 1.0}
+    model.save(tmp_path / "ckpt")
+    engine = make_engine(tgfr=tmp_path / "ckpt")
+    names = list(ten)
+    engine.enroll_many(
+        [EnrollItem(p[0], n, caption=f"person number {i}") for i, (n, p) in enumerate(ten.items())]
+    )
+    assert engine.info()["spaces"] == ["face", "fused", "aligned", "caption"]
+    text = engine.query(caption="person number 4", mode="text", k=3)
+    assert text.mode == "text" and text[0].identity == names[4]  # its own caption, word for word

@@ -61,9 +61,12 @@ class TGFRRuntime:
         self.text = text
         self._torch = torch
         cfg = self.model.config
-        self.dims = {FUSED: cfg.fused_dim, ALIGNED: cfg.embed_dim, CAPTION: cfg.embed_dim}
-        self.fingerprint = f"{self.model.fingerprint}|{text.fingerprint}"
         self.summary: dict[str, Any] = self.model.summary
+        self.dims = {FUSED: cfg.fused_dim, ALIGNED: cfg.embed_dim}
+        # Gallery captions in the aligned space serve text mode only where val gave them weight.
+        if self.summary.get("text", {}).get("caption_weight", 0.0) > 0:
+            self.dims[CAPTION] = cfg.embed_dim
+        self.fingerprint = f"{self.model.fingerprint}|{text.fingerprint}"
         if self.device != "cpu":
             self.model.to(self.device)  # after the fingerprint, which hashes the CPU weights
 
@@ -123,7 +126,7 @@ class TGFRRuntime:
             ALIGNED: image["global"].numpy(),
             CAPTION: caption.numpy(),
         }
-        return out, norms
+        return {k: v for k, v in out.items() if k == "face" or k in self.dims}, norms
 
     def _embed_on_device(
         self, crops: Sequence[np.ndarray], captions: Sequence[str | None]
@@ -147,8 +150,9 @@ class TGFRRuntime:
                 "face": globals_.cpu().numpy(),
                 FUSED: fused.cpu().numpy(),
                 ALIGNED: image["global"].cpu().numpy(),
-                CAPTION: caption.cpu().numpy(),
             }
+            if CAPTION in self.dims:
+                out[CAPTION] = caption.cpu().numpy()
             return out, norms.cpu().numpy()
 
     def caption_vectors(self, captions: Sequence[str]) -> np.ndarray:
