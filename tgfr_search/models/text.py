@@ -112,7 +112,9 @@ class MiniLM:
         with self._lock:
             if self._model is None:
                 from transformers import AutoModel, AutoTokenizer
+                from transformers.utils import logging as hf_logging
 
+                hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
                 model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
                 model.eval().to(self.device)
