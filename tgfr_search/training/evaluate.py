@@ -316,8 +316,8 @@ def aligned_captions(
 
     sentences = _sentences(cache, rows_wanted, caption)
     with torch.no_grad():
-        out = model.encode_text(None, None, torch.as_tensor(sentences).to(device))["sentence"]
-    out = out.float().cpu().numpy()
+        encoded = model.encode_text(None, None, torch.as_tensor(sentences).to(device))
+    out: np.ndarray = encoded["sentence"].float().cpu().numpy()
     out[~sentences.any(1)] = 0.0
     return out
 
