@@ -47,7 +47,7 @@ def _pg_admin():
     """An autocommit connection to the test server, or a pytest.skip saying why there is none."""
     if not PG_URL:
         pytest.skip(
-            "no PostgreSQL server: set TGFR_TEST_PG_URL (e.g. eval \"$(bash .ci/postgres.sh)\"; "
+            'no PostgreSQL server: set TGFR_TEST_PG_URL (e.g. eval "$(bash .ci/postgres.sh)"; '
             ".ci/run does this)"
         )
     psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (the dev extra has it)")
@@ -98,8 +98,8 @@ def make_engine(request: pytest.FixtureRequest, tmp_path: Path):
     store = getattr(request, "param", "faiss")
     databases: dict[str, str] = {}
     if store == "milvus-lite":
-        pytest.importorskip("pymilvus", reason="pymilvus not installed (the dev extra has it)")
-        pytest.importorskip("milvus_lite", reason="milvus-lite not installed (the dev extra has it)")
+        for module in ("pymilvus", "milvus_lite"):
+            pytest.importorskip(module, reason=f"{module} not installed (the dev extra has it)")
     new_database = request.getfixturevalue("pg_database") if store == "postgresql" else None
     opened = []
 
