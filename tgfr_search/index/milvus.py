@@ -541,6 +541,19 @@ class MilvusSpace:
                 ids[row, col] = hit["id"]
         return scores, ids
 
+    def ids(self) -> np.ndarray:
+        """Every face id the collection holds (a full scan: for checks, not for serving)."""
+        it = self.client.query_iterator(
+            self.name, batch_size=4096, filter="", output_fields=["id"], consistency_level="Strong"
+        )
+        out: list[int] = []
+        try:
+            while batch := it.next():
+                out.extend(int(r["id"]) for r in batch)
+        finally:
+            it.close()
+        return np.array(sorted(out), dtype=np.int64)
+
     def committed(self) -> None:
         self.sync()
 

@@ -381,7 +381,7 @@ class Store:
 
     def matching(self, filters: Mapping[str, Any]) -> Selection:
         """Ids of faces whose identity or metadata equal every given value (with the filters)."""
-        q = select(Face.id).join(Identity)
+        q = select(Face.id).join(Identity).order_by(Face.id)
         for key, value in filters.items():
             if key == "identity":
                 q = q.where(Identity.name == str(value))
