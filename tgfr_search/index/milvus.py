@@ -482,8 +482,10 @@ class MilvusSpace:
         except BaseException:
             self.client.drop_collection(physical)
             raise
-        if old is not None and old.physical != self.name:
-            self.client.drop_collection(old.physical)
+        # The old collection, and any left by a writer killed mid-rebuild, are no longer needed.
+        for name in self.client.list_collections():
+            if name.startswith(f"{self.name}__") and name != physical:
+                self.client.drop_collection(name)
         self._checked = True
 
     def _reindex(self, collection: str, count: int, current: str | None) -> None:
