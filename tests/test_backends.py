@@ -400,3 +400,21 @@ def test_cli_takes_vectors_and_metadata_options(milvus_lite, crops, tmp_path) ->
     assert bad.exit_code == 1 and "absolute path" in bad.output
     bad = runner.invoke(cli, ["--db", str(tmp_path / "y"), "--metadata", "nope", "info"])
     assert bad.exit_code == 1 and "not a SQLAlchemy database URL" in bad.output
+    down = ["--db", str(tmp_path / "z"), "--vectors", "http://127.0.0.1:1", "info"]
+    bad = runner.invoke(cli, down)
+    assert bad.exit_code == 1 and "cannot reach Milvus at http://127.0.0.1:1" in bad.output
+
+
+def test_milvus_lite_is_single_process(milvus_lite, tmp_path) -> None:
+    opts = _lite(tmp_path)
+    code = (
+        "import sys; from tgfr_search import SearchEngine, BackendUnavailable\n"
+        "try:\n    SearchEngine(sys.argv[1], vectors=sys.argv[2])\n"
+        "except BackendUnavailable as e:\n    print(e)"
+    )
+    with SearchEngine(tmp_path / "db", **opts):
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "other"), opts["vectors"]],
+            **_spawn_args(),
+        )
+    assert "another process has it open" in out.stdout, out.stderr[-2000:]

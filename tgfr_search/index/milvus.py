@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tgfr_search.errors import MissingDependency
+from tgfr_search.errors import BackendUnavailable, MissingDependency
 from tgfr_search.index.base import VectorSource, as_queries, empty_result
 
 TOKEN_ENV = "TGFR_MILVUS_TOKEN"
@@ -226,9 +226,7 @@ def _lite_acquire(path: str) -> str:
     with _lite_lock:
         uri = server_manager_instance.start_and_get_uri(path)
         if uri is None:
-            from tgfr_search.errors import LockTimeout
-
-            raise LockTimeout(
+            raise BackendUnavailable(
                 f"Milvus Lite cannot open {path}: another process has it open "
                 "(Milvus Lite is single-process; use a Milvus server for several)"
             )
@@ -262,6 +260,10 @@ class MilvusVectors:
             kw = {"token": os.environ.get(TOKEN_ENV, "")}
         try:
             self.client = pymilvus.MilvusClient(uri=uri, db_name=config.db, **kw)
+        except pymilvus.exceptions.MilvusException as e:
+            if self.lite:
+                _lite_release(config.target)
+            raise BackendUnavailable(f"cannot reach Milvus at {config.uri}: {e.message}") from e
         except BaseException:
             if self.lite:
                 _lite_release(config.target)
