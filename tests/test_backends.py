@@ -418,3 +418,37 @@ def test_milvus_lite_is_single_process(milvus_lite, tmp_path) -> None:
             **_spawn_args(),
         )
     assert "another process has it open" in out.stdout, out.stderr[-2000:]
+
+
+def test_every_query_mode_ranks_as_on_faiss(milvus_lite, raw_people, tmp_path) -> None:
+    """image, fused, refine and text (the TGFR spaces: fused, aligned and any other) and a
+    filter, on Milvus Lite and on faiss: the same identities in the same order, same scores."""
+    people = list(raw_people.items())[:12]
+    captions = ["a man with short grey hair", "a young woman with long dark hair", "a smiling man"]
+    items = [
+        EnrollItem(p[0], n, caption=captions[i % 3], metadata={"half": i % 2})
+        for i, (n, p) in enumerate(people)
+    ]
+    with (
+        SearchEngine(tmp_path / "f") as faiss,
+        SearchEngine(tmp_path / "m", **_lite(tmp_path)) as milvus,
+    ):
+        if faiss.tgfr is None:
+            pytest.skip(f"no TGFR model to search its spaces with: {faiss._tgfr_problem}")
+        faiss.enroll_many(items)
+        milvus.enroll_many(items)
+        assert milvus._spaces() == faiss._spaces() and len(faiss._spaces()) > 1
+        for _, photos in people[:4]:
+            for mode, image, caption in [
+                ("image", photos[1], None),
+                ("fused", photos[1], captions[0]),
+                ("refine", photos[1], captions[1]),
+                ("text", None, captions[2]),
+            ]:
+                for filters in (None, {"half": 1}):
+                    a, b = (
+                        e.query(image, caption=caption, mode=mode, k=5, filters=filters)
+                        for e in (faiss, milvus)
+                    )
+                    assert [m.identity for m in a] == [m.identity for m in b], (mode, filters)
+                    assert np.allclose([m.score for m in a], [m.score for m in b], atol=1e-5)
