@@ -13,6 +13,9 @@ import pytest
 
 from tgfr_search import EnrollItem, ModelMismatch, ModeUnavailable, NoFaceFound, NotFound
 
+# Every store runs these, unless a test names fewer (see make_engine in conftest.py).
+pytestmark = pytest.mark.stores("faiss", "milvus-lite", "postgresql")
+
 
 @pytest.fixture(scope="module")
 def ten(raw_people):
@@ -80,17 +83,19 @@ def test_delete_removes_identity_from_results(make_engine, ten) -> None:
         engine.delete(name)
 
 
+@pytest.mark.stores("faiss", "postgresql")  # Milvus Lite is single-process
 def test_second_process_sees_the_gallery(make_engine, ten, tmp_path: Path) -> None:
     engine = make_engine("shared")
     enroll_first(engine, ten)
     name, photos = list(ten.items())[3]
+    opts = json.dumps(make_engine.options("shared"))
     code = (
         "import json,sys; from tgfr_search import SearchEngine\n"
-        "with SearchEngine(sys.argv[1]) as e:\n"
+        "with SearchEngine(sys.argv[1], **json.loads(sys.argv[3])) as e:\n"
         "    m = e.query(sys.argv[2], k=1)[0]; print(json.dumps([m.identity, e.info()['faces']]))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "shared"), str(photos[1])],
+        [sys.executable, "-c", code, str(tmp_path / "shared"), str(photos[1]), opts],
         capture_output=True,
         text=True,
         check=True,
@@ -101,10 +106,11 @@ def test_second_process_sees_the_gallery(make_engine, ten, tmp_path: Path) -> No
         [
             sys.executable,
             "-c",
-            "import sys; from tgfr_search import SearchEngine\n"
-            "SearchEngine(sys.argv[1]).delete(sys.argv[2])",
+            "import json, sys; from tgfr_search import SearchEngine\n"
+            "SearchEngine(sys.argv[1], **json.loads(sys.argv[3])).delete(sys.argv[2])",
             str(tmp_path / "shared"),
             name,
+            opts,
         ],
         check=True,
     )
@@ -131,6 +137,7 @@ def test_no_face_and_bad_files_are_reported_not_fatal(make_engine, ten, tmp_path
         engine.enroll(blank, identity="x")
 
 
+@pytest.mark.stores("faiss")  # detection only: nothing store-specific
 def test_group_photo_enrolls_most_prominent_or_all(make_engine) -> None:
     from tgfr_search.demo import sample_photos
 
@@ -173,24 +180,23 @@ def test_filters_restrict_before_ranking(make_engine, ten) -> None:
 
 
 def test_model_mismatch_points_at_reindex(make_engine, ten, tmp_path: Path) -> None:
-    from tgfr_search import SearchEngine
-
     engine = make_engine("mm")
     enroll_first(engine, ten)
     engine.store.set("fingerprint:face", "w600k_mbf:0000000000000000:other")
-    reopened = SearchEngine(tmp_path / "mm")
+    reopened = make_engine("mm")
     with pytest.raises(ModelMismatch, match="tgfr-search .*reindex"):
         reopened.query(next(iter(ten.values()))[1])
     reopened.close()
-    fixed = SearchEngine(tmp_path / "mm", check_models=False)
+    fixed = make_engine("mm", check_models=False)
     assert fixed.reindex() == 10
     fixed.close()
-    again = SearchEngine(tmp_path / "mm")
+    again = make_engine("mm")
     name, photos = next(iter(ten.items()))
     assert again.query(photos[1], k=1)[0].identity == name
     again.close()
 
 
+@pytest.mark.stores("faiss")  # its Milvus twin is in test_backends.py
 def test_corrupt_index_file_is_rebuilt_with_a_warning(make_engine, ten, tmp_path: Path) -> None:
     from tgfr_search import SearchEngine
 
@@ -204,6 +210,7 @@ def test_corrupt_index_file_is_rebuilt_with_a_warning(make_engine, ten, tmp_path
     reopened.close()
 
 
+@pytest.mark.stores("faiss")  # refused before any search
 def test_modes_that_need_the_tgfr_model_say_so(make_engine, ten) -> None:
     engine = make_engine(tgfr=None)
     with pytest.raises(ModeUnavailable, match="TGFR model"):
@@ -212,6 +219,7 @@ def test_modes_that_need_the_tgfr_model_say_so(make_engine, ten) -> None:
         engine.query(next(iter(ten.values()))[0], mode="nope")
 
 
+@pytest.mark.stores("faiss")  # 1:1, no gallery
 def test_verify_same_person_scores_higher(make_engine, ten) -> None:
     engine = make_engine()
     (a, b), (c, d) = [(p[0], p[1]) for p in list(ten.values())[:2]]

@@ -18,9 +18,17 @@ def face(identity: str, h: str, vec: list[float], **kw) -> NewFace:
     )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same tests on SQLite and, when a server is available, PostgreSQL."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_database")()
+    return sqlite_url(tmp_path / "m.db")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(sqlite_url(tmp_path / "m.db"))
+def store(url: str) -> Store:
+    s = Store(url)
     yield s
     s.close()
 
@@ -29,7 +37,8 @@ def test_migrations_create_schema_at_head(store: Store, tmp_path: Path) -> None:
     assert schema_revision(store.engine) == head_revision() == "0001"
     tables = set(inspect(store.engine).get_table_names())
     assert {"identities", "faces", "vectors", "settings", "alembic_version"} <= tables
-    assert stat.S_IMODE((tmp_path / "m.db").stat().st_mode) == 0o600
+    if store.engine.dialect.name == "sqlite":
+        assert stat.S_IMODE((tmp_path / "m.db").stat().st_mode) == 0o600
 
 
 def test_add_read_delete(store: Store) -> None:
@@ -49,6 +58,11 @@ def test_add_read_delete(store: Store) -> None:
     assert store.matching({"cam": "7"}).tolist() == [1]
     assert store.matching({"n": 3}).tolist() == [1]
     assert store.matching({"identity": "alice"}).tolist() == [1, 2]
+    assert store.matching({"cam": "7", "n": 3}).filters == {"cam": "7", "n": 3}
+    batches = list(store.iter_rows("face", dim=2, up_to=store.generation(), batch=2))
+    assert [b[0].tolist() for b in batches] == [[1, 2], [3]]
+    assert batches[0][2] == ["alice", "alice"] and batches[0][3][0] == {"cam": "7", "n": 3}
+    assert batches[1][1].tolist() == [[1, 1]]
     assert store.existing([("h1", 0), ("h9", 0)]) == {("h1", 0)}
     assert store.delete_identity("alice") == [1, 2]
     assert store.counts() == (1, 1)
@@ -77,11 +91,21 @@ def test_same_content_twice_is_refused_by_the_schema(store: Store) -> None:
     assert store.counts() == (1, 1)  # the failed batch left nothing behind
 
 
-def test_reopen_keeps_rows(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "m.db")
+def test_reopen_keeps_rows(url: str) -> None:
     s = Store(url)
     s.add_faces([face("a", "h1", [1, 0])])
     s.close()
     s2 = Store(url)
     assert s2.counts() == (1, 1)
     s2.close()
+
+
+def test_bad_or_unreachable_metadata_urls_say_so_in_one_line() -> None:
+    from tgfr_search import BackendUnavailable, MissingDependency
+
+    with pytest.raises(ValueError, match="not a SQLAlchemy database URL"):
+        Store("no url at all")
+    with pytest.raises(MissingDependency, match=r"tgfr-search\[postgres\]"):
+        Store("nosuchdialect://x/y")
+    with pytest.raises(BackendUnavailable, match="cannot open the metadata database"):
+        Store("postgresql+psycopg://nobody@127.0.0.1:1/none")

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from tgfr_search.errors import (
+    BackendUnavailable,
     ImageError,
     LockTimeout,
     MissingDependency,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from tgfr_search.engine import EnrollItem, EnrollReport, Match, Matches, SearchEngine
 
 __all__ = [
+    "BackendUnavailable",
     "EnrollItem",
     "EnrollReport",
     "ImageError",

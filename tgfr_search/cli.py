@@ -94,18 +94,55 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder holding the pack's ONNX files (e.g. ~/.insightface/models/buffalo_l).",
 )
+@click.option(
+    "--vectors",
+    envvar="TGFR_VECTORS",
+    default="faiss",
+    show_default=True,
+    metavar="URI",
+    help="Where vectors are searched: faiss (files in --db), milvus-lite:///ABSOLUTE/PATH, or "
+    "http(s)://host:19530 for a Milvus server (token from env TGFR_MILVUS_TOKEN). "
+    "Env TGFR_VECTORS.",
+)
+@click.option(
+    "--metadata",
+    envvar="TGFR_METADATA",
+    metavar="URL",
+    help="SQLAlchemy URL of the metadata database, e.g. postgresql+psycopg://user@host/db "
+    "(default: SQLite in --db). Env TGFR_METADATA.",
+)
 @click.version_option(package_name="tgfr-search")
 @click.pass_context
-def cli(ctx: click.Context, db: Path, models: str, model_dir: Path | None) -> None:
+def cli(
+    ctx: click.Context,
+    db: Path,
+    models: str,
+    model_dir: Path | None,
+    vectors: str,
+    metadata: str | None,
+) -> None:
     """Text-guided face search: enroll faces with captions, search by face and description."""
-    ctx.obj = {"db": db, "models": models, "model_dir": model_dir}
+    ctx.obj = {
+        "db": db,
+        "models": models,
+        "model_dir": model_dir,
+        "vectors": vectors,
+        "metadata": metadata,
+    }
 
 
 def _engine(ctx: click.Context, **kw: Any) -> Any:
     from tgfr_search.engine import SearchEngine
 
     o = ctx.obj
-    return SearchEngine(o["db"], models=o["models"], model_dir=o["model_dir"], **kw)
+    return SearchEngine(
+        o["db"],
+        models=o["models"],
+        model_dir=o["model_dir"],
+        vectors=o["vectors"],
+        metadata=o["metadata"],
+        **kw,
+    )
 
 
 @cli.command()

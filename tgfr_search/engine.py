@@ -31,7 +31,14 @@ from tgfr_search.errors import (
     TGFRError,
 )
 from tgfr_search.images import content_hash, load_image
-from tgfr_search.index import VectorIndex, build_index, load_index, needs_rebuild
+from tgfr_search.index import (
+    VectorIndex,
+    VectorSpace,
+    build_index,
+    load_index,
+    needs_rebuild,
+    open_vectors,
+)
 from tgfr_search.store import FaceInfo, NewFace, Store, sqlite_url
 from tgfr_search.store.store import DELETE_GENERATION
 
@@ -301,6 +308,15 @@ class _SpaceIndex:
         ids, vecs = self.store.vectors(self.space, dim=self.dim, up_to=generation)
         self.index = build_index(self.dim, ids, vecs)
 
+    def committed(self) -> None:
+        """Nothing to publish: other processes catch up from the store on their own."""
+
+    def forget(self, ids: Sequence[int]) -> None:
+        """Nothing to do now: the next sync sees the delete generation and rebuilds."""
+
+    def close(self) -> None:
+        pass
+
     def save(self) -> None:
         """Write the index, then the sidecar naming the generation it holds (both atomic)."""
         with self._lock:
@@ -351,21 +367,37 @@ class SearchEngine:
         lock_timeout: float = 60.0,
         check_models: bool = True,
         device: str = "auto",
+        vectors: str = "faiss",
+        metadata: str | None = None,
     ) -> None:
+        """Open (or create) an engine.
+
+        `vectors` says where vectors are searched: `faiss` (files in the engine directory),
+        `milvus-lite:///ABSOLUTE/PATH` or `http(s)://host:19530` (Milvus; token from
+        $TGFR_MILVUS_TOKEN). `metadata` is a SQLAlchemy URL for the source-of-truth database
+        (e.g. `postgresql+psycopg://user@host/db`); the default is `metadata.db` (SQLite) in
+        the engine directory, which keeps the write lock and the audit log in any case.
+        """
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = FileLock(str(self.path / "write.lock"), timeout=lock_timeout)
         # Only creating or upgrading the schema takes the write lock: readers open at once.
-        self.store = Store(sqlite_url(self.path / "metadata.db"), migration_lock=self._write_lock)
+        url = metadata if metadata is not None else sqlite_url(self.path / "metadata.db")
+        self.store = Store(url, migration_lock=self._write_lock)
+        try:
+            self._vectors = open_vectors(vectors)
+        except BaseException:
+            self.store.close()
+            raise
         self._models_spec = (models, None if model_dir is None else str(model_dir), device)
         self._tgfr_spec = tgfr
         self._models: Any = None
         self._tgfr: Any = None
         self._tgfr_problem: str | None = None
         self._check_models = check_models
-        self._indexes: dict[str, _SpaceIndex] = {}
+        self._indexes: dict[str, VectorSpace] = {}
         self.audit = AuditLog(self.path / "audit.log")
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -376,6 +408,10 @@ class SearchEngine:
         self.close()
 
     def close(self) -> None:
+        for index in self._indexes.values():
+            index.close()
+        if self._vectors is not None:
+            self._vectors.close()
         self.store.close()
 
     @contextmanager
@@ -390,6 +426,19 @@ class SearchEngine:
             ) from e
         try:
             yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
+    def _try_write_lock(self) -> Iterator[bool]:
+        """The write lock if it is free now (True), else False: no writer is waited for."""
+        try:
+            self._lock.acquire(timeout=0)
+        except FileLockTimeout:
+            yield False
+            return
+        try:
+            yield True
         finally:
             self._lock.release()
 
@@ -453,12 +502,16 @@ class SearchEngine:
             raise ModeUnavailable(f"mode {mode!r} needs the TGFR model: {self._tgfr_problem}")
         return runtime
 
-    def _index(self, space: str = FACE) -> _SpaceIndex:
+    def _index(self, space: str = FACE) -> VectorSpace:
         if space not in self._indexes:
             dim = self.store.get(f"dim:{space}")
             if dim is None:
                 dim = self.models.face.dim if space == FACE else self._need_tgfr(space).dims[space]
-            self._indexes[space] = _SpaceIndex(self.store, self.path, space, int(dim))
+            self._indexes[space] = (
+                _SpaceIndex(self.store, self.path, space, int(dim))
+                if self._vectors is None
+                else self._vectors.space(self.store, space, int(dim), self._try_write_lock)
+            )
         return self._indexes[space]
 
     def _spaces(self) -> list[str]:
@@ -578,6 +631,8 @@ class SearchEngine:
             f.crop_png = _png(crop)
             f.vectors = {space: v[i] for space, v in vectors.items()}
         ids = self.store.add_faces(faces)
+        for space in vectors:
+            self._index(space).committed()
         report.face_ids.extend(ids)
         self.audit.record("enroll", face_ids=ids, identities=sorted({f.identity for f in faces}))
 
@@ -790,7 +845,7 @@ class SearchEngine:
             yield i, ranked[n], {name: v[n] for name, v in vecs.items()}
 
     def _ranked(
-        self, index: _SpaceIndex, vecs: np.ndarray, k: int, subset: np.ndarray | None
+        self, index: VectorSpace, vecs: np.ndarray, k: int, subset: np.ndarray | None
     ) -> list[list[tuple[float, FaceInfo]]]:
         """Per query row, the best face of each of the top-k identities, best first."""
         total = len(index.sync()) if subset is None else len(subset)
@@ -987,12 +1042,16 @@ class SearchEngine:
             "face_model": self.store.get(f"fingerprint:{FACE}"),
             "tgfr_model": self.store.get("fingerprint:tgfr"),
             "generation": self.store.generation(),
+            "vectors": "faiss" if self._vectors is None else self._vectors.config.uri,
+            "metadata": self.store.engine.url.render_as_string(hide_password=True),
         }
 
     def delete(self, identity: str) -> int:
         """Forget an identity: its faces, crops, captions and vectors. Returns faces removed."""
         with self._write_lock():
             ids = self.store.delete_identity(identity)
+            for space in self._spaces():
+                self._index(space).forget(ids)
             self._save_indexes()
             self.store.checkpoint()  # no copy of the deleted rows stays behind in the WAL
         self.audit.record("delete", identity=identity, face_ids=ids)
@@ -1024,6 +1083,8 @@ class SearchEngine:
                     self.store.set("fingerprint:tgfr", runtime.fingerprint)
                     for space, dim in runtime.dims.items():
                         self.store.set(f"dim:{space}", dim)
+                for index in self._indexes.values():
+                    index.close()
                 self._indexes.clear()
                 self._save_indexes()
         finally:

@@ -40,3 +40,7 @@ class LockTimeout(TGFRError, TimeoutError):
 
 class ModeUnavailable(TGFRError, ValueError):
     """A search mode that the loaded models or the gallery cannot serve."""
+
+
+class BackendUnavailable(TGFRError, ConnectionError):
+    """The metadata database or the vector store cannot be reached or opened."""

@@ -1,6 +1,6 @@
 """Vector index backends behind one small interface, and the factory that picks one by size."""
 
-from tgfr_search.index.base import VectorIndex
+from tgfr_search.index.base import VectorIndex, VectorSource, VectorSpace
 from tgfr_search.index.factory import (
     build_index,
     choose_kind,
@@ -15,6 +15,7 @@ from tgfr_search.index.faiss_index import (
     FaissIVFIndex,
     FaissPQIndex,
 )
+from tgfr_search.index.milvus import open_vectors, parse_vectors_uri
 
 __all__ = [
     "FaissFlatIndex",
@@ -23,12 +24,16 @@ __all__ = [
     "FaissPQIndex",
     "TorchIndex",
     "VectorIndex",
+    "VectorSource",
+    "VectorSpace",
     "build_index",
     "choose_kind",
     "hardware",
     "load_index",
     "make_index",
     "needs_rebuild",
+    "open_vectors",
+    "parse_vectors_uri",
 ]
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,6 +44,57 @@ class VectorIndex(Protocol):
 
     def save(self, path: Path) -> None:
         """Write the index to `path` atomically."""
+
+
+class VectorSource(Protocol):
+    """What a vector space reads from the metadata store, the source of truth for vectors."""
+
+    def generation(self) -> int:
+        """The change counter: bumped by every committed batch, delete and reindex."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def vectors(
+        self, space: str, *, dim: int, after: int = 0, up_to: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def iter_rows(
+        self, space: str, *, dim: int, after: int = 0, up_to: int, batch: int = 2048
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str], list[dict[str, Any]]]]: ...
+
+
+class VectorSpace(Protocol):
+    """One vector space ("face", "fused", ...) as the engine searches it, wherever it lives.
+
+    A space is a cache of the metadata store's vectors, caught up by the store's generation
+    counter and rebuilt from the store after deletes or when it disagrees with it. The engine's
+    own is a faiss file per space (`tgfr_search.engine._SpaceIndex`); `MilvusSpace` keeps one
+    Milvus collection per space (`tgfr_search.index.milvus`).
+    """
+
+    space: str
+    dim: int
+    rebuilt_because: str | None
+    """Why the space had to be rebuilt from the store (shown as a warning), or None."""
+
+    def sync(self) -> Sized:
+        """Catch up with the store; returns something whose len() is the number of vectors."""
+
+    def search(
+        self, queries: np.ndarray, k: int, subset: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row after a sync, only among `subset` when given."""
+
+    def committed(self) -> None:
+        """The writer committed a batch: make it searchable where other processes look."""
+
+    def forget(self, ids: Sequence[int]) -> None:
+        """The writer committed the deletion of these faces."""
+
+    def save(self) -> None:
+        """Catch up and persist, at the end of a write."""
+
+    def close(self) -> None: ...
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

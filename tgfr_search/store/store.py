@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy.exc
 from sqlalchemy import Engine, create_engine, delete, event, func, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tgfr_search.errors import NotFound
+from tgfr_search.errors import BackendUnavailable, MissingDependency, NotFound
 from tgfr_search.store.schema import Face, Identity, Setting, Vector
 
 GENERATION = "generation"
@@ -84,6 +85,24 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _open_engine(url: str) -> Engine:
+    """`make_engine`, with a bad URL or a missing driver said in one line."""
+    try:
+        return make_engine(url)
+    except sqlalchemy.exc.NoSuchModuleError as e:
+        raise MissingDependency(
+            f"no SQLAlchemy dialect for {url.split(':', 1)[0]!r}; for PostgreSQL: "
+            "pip install 'tgfr-search[postgres]' and use postgresql+psycopg://"
+        ) from e
+    except ModuleNotFoundError as e:
+        raise MissingDependency(
+            f"the database driver {e.name!r} is not installed; for PostgreSQL: "
+            "pip install 'tgfr-search[postgres]'"
+        ) from e
+    except sqlalchemy.exc.ArgumentError as e:
+        raise ValueError(f"not a SQLAlchemy database URL: {url!r}") from e
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Create or upgrade the schema to the newest Alembic revision, all or nothing."""
     from alembic import command
@@ -96,6 +115,11 @@ def upgrade_schema(engine: Engine) -> None:
             # pysqlite runs DDL outside any transaction: a kill mid-migration would leave half a
             # schema that no later open can upgrade. An explicit BEGIN makes it all or nothing.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            # Engines on other hosts share the database but not the engine directory's lock file:
+            # a transaction-scoped advisory lock serialises their migrations (Alembic then sees
+            # the revision the first one reached and does nothing).
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7226650)")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -129,6 +153,19 @@ def _json_field(field: Any, value: Any) -> Any:
     return field.as_string()
 
 
+class Selection(np.ndarray):
+    """Face ids that matched some filters, which ride along for stores that filter themselves.
+
+    A plain int64 array to whoever wants ids (faiss takes them as an ID selector); a vector
+    store that evaluates filters itself (Milvus) reads `filters` instead of shipping the ids.
+    """
+
+    filters: dict[str, Any]
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.filters = dict(getattr(obj, "filters", {}) or {})
+
+
 def _as_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
@@ -145,8 +182,15 @@ class Store:
         ] = contextlib.nullcontext,
     ) -> None:
         self.url = url
-        self.engine = make_engine(url)
-        if schema_revision(self.engine) != head_revision():
+        self.engine = _open_engine(url)
+        try:
+            revision = schema_revision(self.engine)
+        except sqlalchemy.exc.OperationalError as e:
+            self.engine.dispose()
+            shown = make_url(url).render_as_string(hide_password=True)
+            why = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            raise BackendUnavailable(f"cannot open the metadata database {shown}: {why}") from e
+        if revision != head_revision():
             with migration_lock():  # checked again: another process may have just migrated
                 if schema_revision(self.engine) != head_revision():
                     upgrade_schema(self.engine)
@@ -172,7 +216,8 @@ class Store:
         return int(self.get(GENERATION, 0))
 
     def _bump(self, s: Session, *, deleted: bool = False) -> int:
-        row = s.get(Setting, GENERATION)
+        # FOR UPDATE: writers on other hosts (PostgreSQL) must not both take the same number.
+        row = s.get(Setting, GENERATION, with_for_update=True)
         gen = (int(row.value) if row else 0) + 1
         self._set(s, GENERATION, gen)
         if deleted:
@@ -334,16 +379,49 @@ class Store:
             ).all()
         return {r[0]: FaceInfo(r[0], r[1], r[2], r[3], r[4] or {}) for r in rows}
 
-    def matching(self, filters: Mapping[str, Any]) -> np.ndarray:
-        """Ids of faces whose identity or metadata equal every given value."""
-        q = select(Face.id).join(Identity)
+    def matching(self, filters: Mapping[str, Any]) -> Selection:
+        """Ids of faces whose identity or metadata equal every given value (with the filters)."""
+        q = select(Face.id).join(Identity).order_by(Face.id)
         for key, value in filters.items():
             if key == "identity":
                 q = q.where(Identity.name == str(value))
             else:
                 q = q.where(_json_field(Face.meta[key], value) == value)
         with self._session() as s:
-            return np.fromiter(s.scalars(q), dtype=np.int64)
+            ids = np.fromiter(s.scalars(q), dtype=np.int64)
+        out = ids.view(Selection)
+        out.filters = dict(filters)
+        return out
+
+    def iter_rows(
+        self, space: str, *, dim: int, after: int = 0, up_to: int, batch: int = 2048
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str], list[dict[str, Any]]]]:
+        """(ids, vectors, identities, metadata) of a space's faces added in (after, up_to], in
+        batches by face id: what a vector store that filters by itself needs, a batch at a time.
+        """
+        last = 0
+        while True:
+            q = (
+                select(Vector.face_id, Vector.vector, Identity.name, Face.meta)
+                .join(Face, Face.id == Vector.face_id)
+                .join(Identity, Identity.id == Face.identity_id)
+                .where(
+                    Vector.space == space,
+                    Face.generation > after,
+                    Face.generation <= up_to,
+                    Vector.face_id > last,
+                )
+                .order_by(Vector.face_id)
+                .limit(batch)
+            )
+            with self._session() as s:
+                rows = s.execute(q).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            yield ids, mat, [r[2] for r in rows], [r[3] or {} for r in rows]
 
     def iter_crops(self, batch: int = 256) -> Iterator[list[tuple[int, bytes, str | None]]]:
         """(face_id, PNG crop, caption) in batches, for re-embedding."""
