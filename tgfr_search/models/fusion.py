@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tgfr_search.errors import ModelFileError
+from tgfr_search.models._threads import few_threads
 
 FUSED = "fused"
 ALIGNED = "aligned"
@@ -107,7 +108,7 @@ class TGFRRuntime:
         if self.device != "cpu":
             return self._embed_on_device(crops, captions)
         globals_, norms, regions = self.regions.embed_full(crops)
-        with t.inference_mode():
+        with t.inference_mode(), few_threads(len(crops)):
             image = self.model.encode_image(
                 t.from_numpy(globals_), t.from_numpy(norms), t.from_numpy(regions)
             )
@@ -157,5 +158,5 @@ class TGFRRuntime:
 
     def caption_vectors(self, captions: Sequence[str]) -> np.ndarray:
         """Captions in the aligned space: their inner product with a face's aligned vector."""
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), few_threads(len(captions), self.device):
             return self._text_parts(captions)["sentence"].cpu().numpy()

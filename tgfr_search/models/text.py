@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tgfr_search.models._threads import few_threads
+
 if TYPE_CHECKING:
     import torch
 
@@ -162,8 +164,6 @@ class MiniLM:
 
     def encode(self, texts: Sequence[str]) -> TextEncoding:
         """Encode texts; long ones are truncated to `max_length` tokens, empty ones are fine."""
-        import torch
-
         if self.device != "cpu":
             states, mask_t, sentence_t = self.encode_tensors(texts)
             assert states is not None
@@ -184,6 +184,12 @@ class MiniLM:
                 sentence=empty,
             )
         tokenizer, model = self._load()
+        with few_threads(len(clean)):
+            return self._encode_cpu(tokenizer, model, clean)
+
+    def _encode_cpu(self, tokenizer: Any, model: Any, clean: list[str]) -> TextEncoding:
+        import torch
+
         batch = tokenizer(
             clean,
             padding=True,
