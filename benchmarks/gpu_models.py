@@ -46,10 +46,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import cv2
+    import onnx
     import torch
 
     from tgfr_search.models import load_models
-    from tgfr_search.models.face import ArcFaceONNX
+    from tgfr_search.models.face import ArcFaceONNX, _with_dynamic_batch
+    from tgfr_search.models.torch_onnx import TorchGraph
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from enroll_throughput import captions_for
@@ -78,14 +80,8 @@ def main() -> None:
         torch.backends.cudnn.benchmark = autotune
         for channels_last in (True, False):
             face = ArcFaceONNX(path, device="cuda")
-            if not channels_last:
-                import onnx
-
-                from tgfr_search.models.face import _with_dynamic_batch
-                from tgfr_search.models.torch_onnx import TorchGraph
-
-                proto = onnx.load_from_string(_with_dynamic_batch(path))
-                face._graph = TorchGraph(proto, "cuda", channels_last=False)
+            proto = onnx.load_from_string(_with_dynamic_batch(path))
+            face._graph = TorchGraph(proto, "cuda", channels_last=channels_last)
             for batch in (256, 1024, 4096):
                 face.batch_size = batch
                 setting = f"batch {batch}, {'NHWC' if channels_last else 'NCHW'}, " + (
