@@ -398,6 +398,7 @@ class SearchEngine:
         self._tgfr_problem: str | None = None
         self._check_models = check_models
         self._indexes: dict[str, VectorSpace] = {}
+        self._captioned: tuple[int, float] | None = None  # (generation, caption_fraction)
         self.audit = AuditLog(self.path / "audit.log")
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -707,6 +708,13 @@ class SearchEngine:
             out[i] = Probe(crop, len(dets), Quality(float(det.score), size, blur(crop)))
         return out
 
+    def _caption_fraction(self) -> float:
+        """The share of faces with a caption (a scan of every face), again only after changes."""
+        generation = self.store.generation()
+        if self._captioned is None or self._captioned[0] != generation:
+            self._captioned = (generation, self.store.caption_fraction())
+        return self._captioned[1]
+
     def _resolve_mode(self, mode: str, image: Any, caption: str | None) -> str:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -717,7 +725,7 @@ class SearchEngine:
             elif not has_caption or self.tgfr is None:
                 mode = "image"
             else:  # fused needs captioned gallery faces; refine serves caption-less galleries
-                mode = "fused" if self.store.caption_fraction() >= 0.5 else "refine"
+                mode = "fused" if self._caption_fraction() >= 0.5 else "refine"
         if mode != "text" and image is None:
             raise ValueError(f"{mode} mode needs a probe image")
         if mode in ("text", "refine") and not has_caption:
@@ -907,7 +915,7 @@ class SearchEngine:
         """
         w = float(runtime.summary.get("text", {}).get("caption_weight", 0.0))
         by_face = self._ranked(self._index(ALIGNED), caption_vecs, 4 * k, subset)
-        with_captions = w > 0 and CAPTION in self._spaces() and self.store.caption_fraction() > 0
+        with_captions = w > 0 and CAPTION in self._spaces() and self._caption_fraction() > 0
         by_caption = (
             self._ranked(self._index(CAPTION), caption_vecs, 4 * k, subset)
             if with_captions
