@@ -914,21 +914,17 @@ class SearchEngine:
         on val and shipped with the model. Faces without a caption score by their face alone.
         """
         w = float(runtime.summary.get("text", {}).get("caption_weight", 0.0))
+        if not (w > 0 and CAPTION in self._spaces() and self._caption_fraction() > 0):
+            return self._ranked(self._index(ALIGNED), caption_vecs, k, subset)
         by_face = self._ranked(self._index(ALIGNED), caption_vecs, 4 * k, subset)
-        with_captions = w > 0 and CAPTION in self._spaces() and self._caption_fraction() > 0
-        by_caption = (
-            self._ranked(self._index(CAPTION), caption_vecs, 4 * k, subset)
-            if with_captions
-            else [[] for _ in by_face]
-        )
+        by_caption = self._ranked(self._index(CAPTION), caption_vecs, 4 * k, subset)
         out = []
         for a, b, cap in zip(by_face, by_caption, caption_vecs):
             faces = {f.face_id: f for _, f in a + b}
             ids = sorted(faces)
             score = self.store.vectors_of(ALIGNED, ids, dim=runtime.dims[ALIGNED]) @ cap
-            if with_captions:
-                stored = self.store.vectors_of(CAPTION, ids, dim=runtime.dims[CAPTION])
-                score = score + w * (stored @ cap)
+            stored = self.store.vectors_of(CAPTION, ids, dim=runtime.dims[CAPTION])
+            score = score + w * (stored @ cap)
             best: dict[str, tuple[float, FaceInfo]] = {}
             for i, sc in zip(ids, score):
                 f = faces[i]
