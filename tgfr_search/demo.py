@@ -50,15 +50,23 @@ def low_quality_copy(photo: np.ndarray, box: np.ndarray, seed: int) -> bytes:
     return buf.tobytes()
 
 
+def _read(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    if image is None:
+        raise ModelFileError(f"cannot read the sample photo {path}")
+    return image
+
+
 def run_demo(
     db: Path, *, models: str = "vectron", model_dir: Any = None, k: int = 3
 ) -> dict[str, Any]:
     """Enroll every sample face as its own identity, query each with a degraded copy."""
     photos = sample_photos()
     with SearchEngine(db, models=models, model_dir=model_dir) as engine:
-        images = [cv2.imread(str(p)) for p in photos]
+        images = [_read(p) for p in photos]
         detections = engine.models.detector.detect(images)
-        items, probes = [], []
+        items: list[EnrollItem] = []
+        probes: list[tuple[str, bytes]] = []
         for photo, image, dets in zip(photos, images, detections):
             for i, det in enumerate(dets):
                 name = f"{photo.stem}-{i + 1:02d}"

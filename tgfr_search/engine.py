@@ -239,6 +239,14 @@ def _png(crop: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _unpng(data: bytes) -> np.ndarray:
+    """A stored crop back as a BGR array."""
+    crop = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if crop is None:
+        raise ImageError("a stored face crop is not a readable PNG")
+    return crop
+
+
 class _SpaceIndex:
     """One vector space's index: a cache of the store's vectors, caught up or rebuilt on demand."""
 
@@ -622,6 +630,7 @@ class SearchEngine:
                     continue
                 if len(dets) > 1:
                     report.multi_face.append((d.source, len(dets)))
+                assert d.image is not None  # decoded without error
                 for i, det in enumerate(dets if all_faces else dets[:1]):
                     crops.append(align(d.image, det.landmarks))
                     faces.append(self._new_face(d, i, len(dets), det))
@@ -1016,10 +1025,11 @@ class SearchEngine:
         cosine of their fused TGFR vectors, against the fused mode's threshold.
         """
         pa, pb = self._probes([a, b], aligned)
-        for p in (pa, pb):
-            if isinstance(p, TGFRError):
-                raise p
-        crops = [pa.crop, pb.crop]  # type: ignore[union-attr]
+        if isinstance(pa, TGFRError):
+            raise pa
+        if isinstance(pb, TGFRError):
+            raise pb
+        crops = [pa.crop, pb.crop]
         mode = "fused" if captions and all(c and c.strip() for c in captions) else "image"
         if mode == "fused":
             vecs, _ = self._need_tgfr(mode).embed(crops, list(captions))  # type: ignore[arg-type]
@@ -1072,10 +1082,7 @@ class SearchEngine:
             done = 0
             with self._write_lock():
                 for rows in self.store.iter_crops(batch_size):
-                    crops = [
-                        cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-                        for _, png, _ in rows
-                    ]
+                    crops = [_unpng(png) for _, png, _ in rows]
                     vectors, _ = self._embed(crops, [c for _, _, c in rows])
                     self.store.replace_vectors([i for i, _, _ in rows], vectors)
                     done += len(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def contact_sheet(
     caption: str | None,
     matches: Any,
     crops: dict[int, bytes],
-    path: str | Path,
+    path: str | os.PathLike[str],
 ) -> Path:
     """Write a PNG: probe tile first, then one tile per match (identity, scores, decision)."""
     tiles = (1 if probe is not None or caption else 0) + len(matches)
@@ -50,10 +51,9 @@ def contact_sheet(
         x += TILE + PAD
     for m in matches:
         png = crops.get(m.face_id)
-        if png is not None:
-            canvas[top : top + TILE, x : x + TILE] = cv2.imdecode(
-                np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR
-            )
+        tile = None if png is None else cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        if tile is not None:
+            canvas[top : top + TILE, x : x + TILE] = tile
         ok = m.decision
         color = (0, 140, 0) if ok else (0, 0, 200) if ok is False else (80, 80, 80)
         cv2.rectangle(canvas, (x - 2, top - 2), (x + TILE + 1, top + TILE + 1), color, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib.resources
 import os
@@ -225,7 +226,7 @@ class Store:
         return gen
 
     # -- writes -----------------------------------------------------------------------------
-    def existing(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+    def existing(self, keys: Iterable[tuple[str, int]]) -> builtins.set[tuple[str, int]]:
         """Which (content_hash, face_index) pairs are already stored."""
         keys = list(keys)
         hashes = {h for h, _ in keys}
