@@ -247,6 +247,28 @@ def _unpng(data: bytes) -> np.ndarray:
     return crop
 
 
+def _pngs(crops: Sequence[np.ndarray]) -> list[bytes]:
+    return [_png(c) for c in crops]
+
+
+def _workers() -> int:
+    """Threads for decoding and PNG encoding (both release the GIL): usable cores, 2 to 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 1
+    return max(2, min(16, cores))
+
+
+@dataclass
+class _Staged:
+    """An embedded batch waiting for its PNG crops and its transaction."""
+
+    faces: list[NewFace]
+    pngs: list[Future[list[bytes]]]
+    vectors: dict[str, np.ndarray]
+
+
 class _SpaceIndex:
     """One vector space's index: a cache of the store's vectors, caught up or rebuilt on demand."""
 
@@ -311,6 +333,20 @@ class _SpaceIndex:
         self.generation = gen
         assert self.index is not None
         return self.index
+
+    def extend(self, generation: int, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Add the faces just committed as `generation` without reading them back.
+
+        Only when the index holds exactly the generation before (the caller holds the write
+        lock); otherwise the next sync catches up from the store, as always.
+        """
+        with self._lock:
+            if self.index is None or self.generation != generation - 1:
+                return
+            self.index.add(np.asarray(ids, dtype=np.int64), vectors)
+            self.generation = generation
+            if needs_rebuild(self.index) is not None:
+                self._rebuild(generation)
 
     def _rebuild(self, generation: int) -> None:
         ids, vecs = self.store.vectors(self.space, dim=self.dim, up_to=generation)
@@ -564,21 +600,49 @@ class SearchEngine:
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
     ) -> EnrollReport:
-        """Enroll images in batches: decode ahead in threads, detect, embed, commit per batch."""
+        """Enroll images in batches: decode ahead in threads, detect, embed, commit per batch.
+
+        Three batches are in flight: the next one decodes in a thread pool while this one is
+        detected and embedded, and the one before is committed by a writer thread (its PNG
+        crops were encoded in the pool while it was embedded). Each batch is one transaction,
+        and batches commit in order.
+        """
         report = EnrollReport()
         _ = self.models, self.tgfr  # load and check the models before taking the lock
-        with self._write_lock(), ThreadPoolExecutor(max_workers=2) as pool:
+        # On a CPU the stages compete for the same cores (2 here): overlapping them made
+        # enrollment slower, so the writer thread and early PNG encoding are for GPUs only.
+        on_gpu = getattr(self.models.face, "device", "cpu") != "cpu"
+        pool = ThreadPoolExecutor(max_workers=_workers() if on_gpu else 2)
+        writer = ThreadPoolExecutor(max_workers=1)
+        with self._write_lock(), pool, writer:
             for space in self._spaces():  # read the saved indexes before this run adds faces
                 self._index(space).sync()
             pending: list[Future[_Decoded]] = []
-            # The next chunk decodes in the pool while this one is detected and embedded.
+            writing: tuple[Future[None], int] | None = None
+            staged: set[str] = set()  # digests of this run: a later copy is a duplicate
+
+            def wait_for_writer() -> None:
+                if writing is not None:
+                    writing[0].result()
+                    if progress:
+                        progress(writing[1])
+
             for chunk in itertools.chain(_chunks(items, batch_size), [[]]):
                 nxt = [pool.submit(_decode, it) for it in chunk]
                 if pending:
-                    self._enroll_batch([f.result() for f in pending], report, aligned, all_faces)
-                    if progress:
-                        progress(len(pending))
+                    decoded = [f.result() for f in pending]
+                    batch = self._prepare_batch(
+                        decoded, report, aligned, all_faces, staged, pool if on_gpu else None
+                    )
+                    wait_for_writer()
+                    if on_gpu:
+                        writing = (writer.submit(self._commit_batch, batch, report), len(pending))
+                    else:
+                        self._commit_batch(batch, report)
+                        if progress:
+                            progress(len(pending))
                 pending = nxt
+            wait_for_writer()
             self._save_indexes()
         return report
 
@@ -595,19 +659,26 @@ class SearchEngine:
         for space in self._spaces():
             self._index(space).save()
 
-    def _enroll_batch(
-        self, decoded: list[_Decoded], report: EnrollReport, aligned: bool, all_faces: bool
-    ) -> None:
+    def _prepare_batch(
+        self,
+        decoded: list[_Decoded],
+        report: EnrollReport,
+        aligned: bool,
+        all_faces: bool,
+        staged: set[str],
+        pool: ThreadPoolExecutor | None,
+    ) -> _Staged | None:
+        """Detect (or check) and embed one batch; with a `pool`, its PNG crops encode meanwhile."""
         report.images += len(decoded)
         seen = self.store.existing((d.digest, 0) for d in decoded if d.error is None)
         fresh: list[_Decoded] = []
         for d in decoded:
             if d.error is not None:
                 report.skipped.append(Skipped(d.source, d.error))
-            elif (d.digest, 0) in seen:
+            elif (d.digest, 0) in seen or d.digest in staged:
                 report.duplicates.append(d.source)
             else:
-                seen.add((d.digest, 0))  # the same file twice in one batch
+                staged.add(d.digest)  # the same file again, in this batch or one not committed yet
                 fresh.append(d)
         faces: list[NewFace] = []
         crops: list[np.ndarray] = []
@@ -635,14 +706,38 @@ class SearchEngine:
                     crops.append(align(d.image, det.landmarks))
                     faces.append(self._new_face(d, i, len(dets), det))
         if not faces:
-            return
+            return None
+        step = 64  # cv2 releases the GIL: the crops encode while the models run
+        pngs = (
+            []
+            if pool is None
+            else [pool.submit(_pngs, crops[i : i + step]) for i in range(0, len(crops), step)]
+        )
         vectors, _ = self._embed(crops, [f.caption for f in faces])
-        for i, (f, crop) in enumerate(zip(faces, crops)):
-            f.crop_png = _png(crop)
+        if pool is None:
+            done: Future[list[bytes]] = Future()
+            done.set_result(_pngs(crops))
+            pngs = [done]
+        for i, f in enumerate(faces):
             f.vectors = {space: v[i] for space, v in vectors.items()}
+        return _Staged(faces, pngs, vectors)
+
+    def _commit_batch(self, staged: _Staged | None, report: EnrollReport) -> None:
+        """One transaction for an embedded batch; its vectors go straight into the indexes."""
+        if staged is None:
+            return
+        faces = staged.faces
+        for f, png in zip(faces, itertools.chain.from_iterable(p.result() for p in staged.pngs)):
+            f.crop_png = png
         ids = self.store.add_faces(faces)
-        for space in vectors:
-            self._index(space).committed()
+        # Ours unless another writer committed since: extend() then declines and sync catches up.
+        generation = self.store.generation()
+        for space, vectors in staged.vectors.items():
+            index = self._index(space)
+            extend = getattr(index, "extend", None)  # the faiss-file spaces have it
+            if extend is not None:
+                extend(generation, ids, vectors)
+            index.committed()
         report.face_ids.extend(ids)
         self.audit.record("enroll", face_ids=ids, identities=sorted({f.identity for f in faces}))
 
