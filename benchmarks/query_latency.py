@@ -102,7 +102,7 @@ def build_gallery(path: Path, size: int, lfw: Path, captions: dict[str, str], se
                 NewFace(
                     identity=f"generated-{seed}-{int(labels[i])}",
                     content_hash=f"generated-{seed}-{done + i}",
-                    crop_png=b"",
+                    crop=b"",
                     vectors={
                         "face": vectors[i],
                         "fused": fused_rows[i].astype(np.float32),

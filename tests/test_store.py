@@ -14,7 +14,7 @@ from tgfr_search.store.store import head_revision, schema_revision
 
 def face(identity: str, h: str, vec: list[float], **kw) -> NewFace:
     return NewFace(
-        identity=identity, content_hash=h, crop_png=b"png", vectors={"face": np.array(vec)}, **kw
+        identity=identity, content_hash=h, crop=b"png", vectors={"face": np.array(vec)}, **kw
     )
 
 

@@ -187,6 +187,7 @@ class _Decoded:
     image: np.ndarray | None = None
     digest: str = ""
     error: str | None = None
+    data: bytes | None = None  # the file's bytes, when the image came as a file or bytes
 
 
 def _source_of(item: EnrollItem) -> str:
@@ -206,12 +207,17 @@ def _decode(item: EnrollItem) -> _Decoded:
             data = Path(data).read_bytes()
         image = load_image(data, name=src)
         # Files are keyed by their bytes; in-memory images by their pixels.
-        digest = content_hash(data if isinstance(data, bytes) else image.tobytes())
-        return _Decoded(item, src, image, digest)
+        if isinstance(data, bytes):
+            return _Decoded(item, src, image, content_hash(data), data=data)
+        return _Decoded(item, src, image, content_hash(image.tobytes()))
     except ImageError as e:
         return _Decoded(item, src, error=str(e))
     except OSError as e:
         return _Decoded(item, src, error=f"cannot read {src}: {e.strerror or e}")
+
+
+def _decode_all(items: Sequence[EnrollItem]) -> list[_Decoded]:
+    return [_decode(it) for it in items]
 
 
 def _chunks(items: Iterable[EnrollItem], size: int) -> Iterator[list[EnrollItem]]:
@@ -233,18 +239,15 @@ def _check_aligned(image: np.ndarray, src: str) -> np.ndarray:
     return image
 
 
+# An aligned file up to this size is stored as it came (a 112x112 PNG is ~25 KB); a larger
+# one (metadata, odd formats) is stored as a PNG of its pixels.
+_KEEP_FILE_BYTES = 64 * 1024
+
+
 def _png(crop: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", crop)
     assert ok
     return buf.tobytes()
-
-
-def _unpng(data: bytes) -> np.ndarray:
-    """A stored crop back as a BGR array."""
-    crop = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if crop is None:
-        raise ImageError("a stored face crop is not a readable PNG")
-    return crop
 
 
 def _pngs(crops: Sequence[np.ndarray]) -> list[bytes]:
@@ -265,6 +268,7 @@ class _Staged:
     """An embedded batch waiting for its PNG crops and its transaction."""
 
     faces: list[NewFace]
+    todo: list[int]  # the faces whose crops `pngs` encode, in order
     pngs: list[Future[list[bytes]]]
     vectors: dict[str, np.ndarray]
 
@@ -617,7 +621,7 @@ class SearchEngine:
         with self._write_lock(), pool, writer:
             for space in self._spaces():  # read the saved indexes before this run adds faces
                 self._index(space).sync()
-            pending: list[Future[_Decoded]] = []
+            pending: list[Future[list[_Decoded]]] = []
             writing: tuple[Future[None], int] | None = None
             staged: set[str] = set()  # digests of this run: a later copy is a duplicate
 
@@ -628,19 +632,24 @@ class SearchEngine:
                         progress(writing[1])
 
             for chunk in itertools.chain(_chunks(items, batch_size), [[]]):
-                nxt = [pool.submit(_decode, it) for it in chunk]
+                # A few dozen images per task: one future per image costs GIL time at GPU rates.
+                step = max(1, min(64, -(-len(chunk) // (2 * _workers()))))
+                nxt = [
+                    pool.submit(_decode_all, chunk[i : i + step])
+                    for i in range(0, len(chunk), step)
+                ]
                 if pending:
-                    decoded = [f.result() for f in pending]
+                    decoded = [d for f in pending for d in f.result()]
                     batch = self._prepare_batch(
                         decoded, report, aligned, all_faces, staged, pool if on_gpu else None
                     )
                     wait_for_writer()
                     if on_gpu:
-                        writing = (writer.submit(self._commit_batch, batch, report), len(pending))
+                        writing = (writer.submit(self._commit_batch, batch, report), len(decoded))
                     else:
                         self._commit_batch(batch, report)
                         if progress:
-                            progress(len(pending))
+                            progress(len(decoded))
                 pending = nxt
             wait_for_writer()
             self._save_indexes()
@@ -690,7 +699,10 @@ class SearchEngine:
                 except ImageError as e:
                     report.skipped.append(Skipped(d.source, str(e)))
                     continue
-                faces.append(self._new_face(d, 0, 1, None))
+                face = self._new_face(d, 0, 1, None)
+                if d.data is not None and len(d.data) <= _KEEP_FILE_BYTES:
+                    face.crop = d.data  # already the aligned crop: stored as it came
+                faces.append(face)
         else:
             detections = self.models.detector.detect([d.image for d in fresh])
             from tgfr_search.models.detector import align
@@ -707,28 +719,34 @@ class SearchEngine:
                     faces.append(self._new_face(d, i, len(dets), det))
         if not faces:
             return None
+        todo = [i for i, f in enumerate(faces) if not f.crop]  # crops to store as PNG
         step = 64  # cv2 releases the GIL: the crops encode while the models run
         pngs = (
             []
             if pool is None
-            else [pool.submit(_pngs, crops[i : i + step]) for i in range(0, len(crops), step)]
+            else [
+                pool.submit(_pngs, [crops[j] for j in todo[i : i + step]])
+                for i in range(0, len(todo), step)
+            ]
         )
         vectors, _ = self._embed(crops, [f.caption for f in faces])
         if pool is None:
             done: Future[list[bytes]] = Future()
-            done.set_result(_pngs(crops))
+            done.set_result(_pngs([crops[j] for j in todo]))
             pngs = [done]
         for i, f in enumerate(faces):
             f.vectors = {space: v[i] for space, v in vectors.items()}
-        return _Staged(faces, pngs, vectors)
+        return _Staged(faces, todo, pngs, vectors)
 
     def _commit_batch(self, staged: _Staged | None, report: EnrollReport) -> None:
         """One transaction for an embedded batch; its vectors go straight into the indexes."""
         if staged is None:
             return
         faces = staged.faces
-        for f, png in zip(faces, itertools.chain.from_iterable(p.result() for p in staged.pngs)):
-            f.crop_png = png
+        for j, png in zip(
+            staged.todo, itertools.chain.from_iterable(p.result() for p in staged.pngs)
+        ):
+            faces[j].crop = png
         ids = self.store.add_faces(faces)
         # Ours unless another writer committed since: extend() then declines and sync catches up.
         generation = self.store.generation()
@@ -746,7 +764,7 @@ class SearchEngine:
         return NewFace(
             identity=d.item.identity,
             content_hash=d.digest,
-            crop_png=b"",
+            crop=b"",
             vectors={},
             source=d.source,
             face_index=i,
@@ -1177,7 +1195,9 @@ class SearchEngine:
             done = 0
             with self._write_lock():
                 for rows in self.store.iter_crops(batch_size):
-                    crops = [_unpng(png) for _, png, _ in rows]
+                    crops = [
+                        load_image(data, name=f"stored crop of face {i}") for i, data, _ in rows
+                    ]
                     vectors, _ = self._embed(crops, [c for _, _, c in rows])
                     self.store.replace_vectors([i for i, _, _ in rows], vectors)
                     done += len(rows)

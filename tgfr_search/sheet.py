@@ -10,6 +10,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tgfr_search.errors import ImageError
+from tgfr_search.images import load_image
+
 TILE = 112
 PAD = 8
 TEXT_H = 64
@@ -50,8 +53,7 @@ def contact_sheet(
         _label(canvas, ["PROBE", *words], x, top + TILE, (90, 60, 0))
         x += TILE + PAD
     for m in matches:
-        png = crops.get(m.face_id)
-        tile = None if png is None else cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        tile = _tile(crops.get(m.face_id))
         if tile is not None:
             canvas[top : top + TILE, x : x + TILE] = tile
         ok = m.decision
@@ -68,3 +70,14 @@ def contact_sheet(
     if not cv2.imwrite(str(out), canvas):
         raise OSError(f"cannot write {out}")
     return out
+
+
+def _tile(crop: bytes | None) -> np.ndarray | None:
+    """A stored crop as a TILE x TILE BGR tile, or None when it cannot be read."""
+    if crop is None:
+        return None
+    try:
+        image = load_image(crop, name="a stored crop")
+    except ImageError:
+        return None
+    return image if image.shape[:2] == (TILE, TILE) else cv2.resize(image, (TILE, TILE))

@@ -57,7 +57,8 @@ class Face(Base):
     n_faces: Mapped[int] = mapped_column(Integer, default=1)
     box: Mapped[list[float] | None] = mapped_column(JSON)
     det_score: Mapped[float | None] = mapped_column(Float)
-    # Lossless PNG of the aligned 112x112 crop, so faces can be re-embedded without the originals.
+    # The aligned 112x112 crop as an image file, so faces can be re-embedded without the
+    # originals: an enrolled aligned file's own bytes, else a lossless PNG.
     crop: Mapped[bytes] = mapped_column(LargeBinary)
     caption: Mapped[str | None] = mapped_column(Text)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -31,7 +31,8 @@ class NewFace:
 
     identity: str
     content_hash: str
-    crop_png: bytes
+    crop: bytes
+    """The aligned crop as an image file: an aligned file's own bytes, else a PNG."""
     vectors: dict[str, np.ndarray]
     source: str | None = None
     face_index: int = 0
@@ -207,7 +208,7 @@ def _insert_faces_sqlite(
                 f.n_faces,
                 as_json(f.box),
                 f.det_score,
-                f.crop_png,
+                f.crop,
                 f.caption,
                 as_json(dict(f.meta)),
                 generation,
@@ -307,11 +308,11 @@ class Store:
             )
             new = sorted(names - ids.keys())
             if new:
-                made = s.execute(
+                created = s.execute(
                     insert(Identity).returning(Identity.name, Identity.id),
                     [{"name": name} for name in new],
                 ).all()
-                ids.update({name: i for name, i in made})
+                ids.update({name: i for name, i in created})
             if s.get_bind().dialect.name == "sqlite":
                 return _insert_faces_sqlite(s, faces, ids, gen)
             # RETURNING rows come back matched by the unique (content_hash, face_index) key:
@@ -327,7 +328,7 @@ class Store:
                         "n_faces": f.n_faces,
                         "box": f.box,
                         "det_score": f.det_score,
-                        "crop": f.crop_png,
+                        "crop": f.crop,
                         "caption": f.caption,
                         "meta": dict(f.meta),
                         "generation": gen,
@@ -425,7 +426,7 @@ class Store:
         return out
 
     def crops_of(self, ids: Sequence[int]) -> dict[int, bytes]:
-        """The stored PNG crops of the given faces."""
+        """The stored crops (image files) of the given faces."""
         with self._session() as s:
             rows = s.execute(
                 select(Face.id, Face.crop).where(Face.id.in_([int(i) for i in ids]))
@@ -497,7 +498,7 @@ class Store:
             yield ids, mat, [r[2] for r in rows], [r[3] or {} for r in rows]
 
     def iter_crops(self, batch: int = 256) -> Iterator[list[tuple[int, bytes, str | None]]]:
-        """(face_id, PNG crop, caption) in batches, for re-embedding."""
+        """(face_id, crop image file, caption) in batches, for re-embedding."""
         last = 0
         while True:
             with self._session() as s:
