@@ -15,19 +15,26 @@ Modes (`--modes`, comma-separated):
   no text, heads, PNG or SQLite).
 
 Captions come from the dataset's attributes through the project's caption generator (one per
-image). `--copies K` enrolls K copies of every aligned crop, given as in-memory RGB arrays, each
-copy with a few pixels' lowest bit changed so that it is a new face to the engine (same
-throughput, K times the faces: a long enough run on a GPU from a few thousand real crops).
-Model loading is timed apart and excluded from every rate.
+image). Aligned crops go in as files (`--input files`, as `tgfr-search enroll --aligned` reads
+them) or as decoded RGB arrays (`--input arrays`, as a camera pipeline would hand them over).
+`--copies K` enrolls K copies of every aligned crop, each one a new face to the engine with the
+same pixels (files: a JPEG comment naming the copy, written to a temporary folder first; arrays:
+the lowest bit of 8 corner pixels changed): the same throughput, K times the faces, so a few
+thousand real crops make a long enough run on a GPU.
+Model loading is timed apart and excluded from every rate. `--profile FILE` writes a cProfile
+of the main thread's last timed run (where it waits: decoding, the models or the writer).
 
     python benchmarks/enroll_throughput.py [--modes raw,raw-captions,aligned] [--device cpu]
-        [--lfw DIR] [--copies K] [--batch-size B] [--out results/enroll_throughput.json]
+        [--lfw DIR] [--input files|arrays] [--copies K] [--batch-size B] [--profile FILE]
+        [--out results/enroll_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
+import pstats
 import statistics
 import sys
 import tempfile
@@ -137,6 +144,25 @@ def marked_copies(crops_rgb: list[np.ndarray], copies: int) -> list[tuple[int, n
     return out
 
 
+def commented_copies(files: list[Path], copies: int, folder: Path) -> list[tuple[int, Path]]:
+    """(source index, path) for `copies` copies of each JPEG, each with its own comment segment."""
+    out = []
+    for c in range(copies):
+        for i, f in enumerate(files):
+            if c == 0:
+                out.append((i, f))
+                continue
+            data = f.read_bytes()
+            assert data[:2] == b"\xff\xd8", f"{f} is not a JPEG"
+            note = f"copy {c}".encode()
+            segment = b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note
+            path = folder / f"{c}" / f.parent.name / f.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data[:2] + segment + data[2:])
+            out.append((i, path))
+    return out
+
+
 def ours(
     items_fn: Any,
     n_images: int,
@@ -145,6 +171,7 @@ def ours(
     device: str,
     repeats: int,
     batch_size: int,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Median rate of `enroll_many` over fresh engines; checks rows, vectors and index sizes."""
     from tgfr_search import SearchEngine
@@ -167,9 +194,16 @@ def ours(
             if r == 0:
                 load = time.perf_counter() - t0
             items = items_fn()
+            prof = cProfile.Profile() if profile and r == repeats - 1 else None
             t0 = time.perf_counter()
+            if prof:
+                prof.enable()
             report = engine.enroll_many(items, aligned=aligned, batch_size=batch_size)
             seconds = time.perf_counter() - t0
+            if prof:
+                prof.disable()
+                with open(profile, "w") as f:
+                    pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
             rates.append(report.enrolled / seconds)
             faces, identities = engine.store.counts()
             spaces = engine.info()["spaces"]
@@ -200,6 +234,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=0, help="at most this many aligned crops")
     ap.add_argument("--copies", type=int, default=1, help="copies of each aligned crop (<= 256)")
+    ap.add_argument(
+        "--input", choices=["files", "arrays"], default="files", help="aligned crops as"
+    )
+    ap.add_argument("--profile", type=Path, help="cProfile of the main thread's last run, here")
     ap.add_argument("--batch-size", type=int, default=32, help="enroll_many's batch_size")
     ap.add_argument("--no-yardstick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/enroll_throughput.json"))
@@ -265,14 +303,19 @@ def main() -> None:
             sys.exit(f"no LFW aligned crops under {args.lfw}")
         caps = captions_for(args.lfw, files)
         rgb = [load_image(f)[:, :, ::-1].copy() for f in files]
-        copies = marked_copies(rgb, args.copies)
+        copy_dir = tempfile.TemporaryDirectory()
+        copies: list[tuple[int, Any]] = (
+            marked_copies(rgb, args.copies)
+            if args.input == "arrays"
+            else commented_copies(files, args.copies, Path(copy_dir.name))
+        )
         base = None
         if not args.no_yardstick:
             if device == "cpu":
                 result = yardstick_aligned_cpu(files, args.repeats)
                 name = "insightface recogniser get_feat, one crop at a time (CPU, no text)"
             else:
-                bgr = [x[:, :, ::-1].copy() for _, x in copies]
+                bgr = [rgb[i][:, :, ::-1].copy() for i, _ in copies]
                 result = yardstick_aligned_gpu(bgr, device, args.repeats)
                 name = f"our recogniser alone, fp16 on {device}, crops in memory (no text)"
             base = add(name, "aligned", result, "faces/s")
@@ -293,10 +336,12 @@ def main() -> None:
                 device=device,
                 repeats=args.repeats,
                 batch_size=args.batch_size,
+                profile=args.profile,
             ),
             "faces/s",
         )
-        row["unique_crops"], row["copies"] = len(files), args.copies
+        copy_dir.cleanup()
+        row["unique_crops"], row["copies"], row["input"] = len(files), args.copies, args.input
         if base:
             row["vs_yardstick"] = round(row["rate"] / base["rate"], 3)
 
