@@ -21,20 +21,20 @@ them) or as decoded RGB arrays (`--input arrays`, as a camera pipeline would han
 same pixels (files: a JPEG comment naming the copy, written to a temporary folder first; arrays:
 the lowest bit of 8 corner pixels changed): the same throughput, K times the faces, so a few
 thousand real crops make a long enough run on a GPU.
-Model loading is timed apart and excluded from every rate. `--profile FILE` writes a cProfile
-of the main thread's last timed run (where it waits: decoding, the models or the writer).
+Model loading is timed apart and excluded from every rate. `--stages` adds, for the last timed
+run, the wall seconds spent in each stage (summed over the threads that ran it): decoding, the
+duplicate check, the models, PNG encoding and the store's insert.
 
     python benchmarks/enroll_throughput.py [--modes raw,raw-captions,aligned] [--device cpu]
-        [--lfw DIR] [--input files|arrays] [--copies K] [--batch-size B] [--profile FILE]
+        [--lfw DIR] [--input files|arrays] [--copies K] [--batch-size B] [--stages]
         [--out results/enroll_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
+import contextlib
 import importlib.util
-import pstats
 import statistics
 import sys
 import tempfile
@@ -163,6 +163,41 @@ def commented_copies(files: list[Path], copies: int, folder: Path) -> list[tuple
     return out
 
 
+@contextlib.contextmanager
+def _timed_stages(spent: dict[str, float]) -> Any:
+    """Add each stage's wall seconds (summed over threads) to `spent` while inside."""
+    from tgfr_search import engine as eng
+    from tgfr_search.store import store
+
+    targets = [
+        (eng, "_decode_all", "decode (pool threads)"),
+        (store.Store, "existing", "duplicate check (main)"),
+        (eng.SearchEngine, "_embed", "models (main)"),
+        (eng, "_pngs", "PNG crops (pool threads)"),
+        (eng.SearchEngine, "_commit_batch", "commit (writer)"),
+        (store.Store, "add_faces", "store insert (writer)"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+
+    def timer(fn: Any, label: str) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+
+        return wrapped
+
+    for (owner, name, label), (_, _, fn) in zip(targets, saved):
+        setattr(owner, name, timer(fn, label))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
 def ours(
     items_fn: Any,
     n_images: int,
@@ -171,7 +206,7 @@ def ours(
     device: str,
     repeats: int,
     batch_size: int,
-    profile: Path | None = None,
+    stages: bool = False,
 ) -> dict[str, Any]:
     """Median rate of `enroll_many` over fresh engines; checks rows, vectors and index sizes."""
     from tgfr_search import SearchEngine
@@ -194,16 +229,14 @@ def ours(
             if r == 0:
                 load = time.perf_counter() - t0
             items = items_fn()
-            prof = cProfile.Profile() if profile and r == repeats - 1 else None
-            t0 = time.perf_counter()
-            if prof:
-                prof.enable()
-            report = engine.enroll_many(items, aligned=aligned, batch_size=batch_size)
-            seconds = time.perf_counter() - t0
-            if prof:
-                prof.disable()
-                with open(profile, "w") as f:
-                    pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
+            spent: dict[str, float] = {}
+            timed = (
+                _timed_stages(spent) if stages and r == repeats - 1 else contextlib.nullcontext()
+            )
+            with timed:
+                t0 = time.perf_counter()
+                report = engine.enroll_many(items, aligned=aligned, batch_size=batch_size)
+                seconds = time.perf_counter() - t0
             rates.append(report.enrolled / seconds)
             faces, identities = engine.store.counts()
             spaces = engine.info()["spaces"]
@@ -217,6 +250,8 @@ def ours(
                 "index_sizes": {s: len(engine._index(s).sync()) for s in spaces},
                 "seconds": round(seconds, 3),
             }
+            if spent:
+                checks["stage_seconds"] = {k: round(v, 3) for k, v in spent.items()}
     return {
         "rate": statistics.median(rates),
         "rates": [round(x, 1) for x in rates],
@@ -237,7 +272,7 @@ def main() -> None:
     ap.add_argument(
         "--input", choices=["files", "arrays"], default="files", help="aligned crops as"
     )
-    ap.add_argument("--profile", type=Path, help="cProfile of the main thread's last run, here")
+    ap.add_argument("--stages", action="store_true", help="seconds per stage of the last run")
     ap.add_argument("--batch-size", type=int, default=32, help="enroll_many's batch_size")
     ap.add_argument("--no-yardstick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/enroll_throughput.json"))
@@ -336,7 +371,7 @@ def main() -> None:
                 device=device,
                 repeats=args.repeats,
                 batch_size=args.batch_size,
-                profile=args.profile,
+                stages=args.stages,
             ),
             "faces/s",
         )
