@@ -196,8 +196,9 @@ def _insert_faces_sqlite(
     first = int(conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM faces").scalar() or 0) + 1
     ids = list(range(first, first + len(faces)))
     now = as_time(datetime.now(timezone.utc))
-    conn.exec_driver_sql(
-        f"INSERT INTO faces ({_FACE_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+    _insert_rows(
+        conn,
+        f"INSERT INTO faces ({_FACE_COLUMNS}) VALUES ",
         [
             (
                 i,
@@ -217,11 +218,28 @@ def _insert_faces_sqlite(
             for i, f in zip(ids, faces)
         ],
     )
-    conn.exec_driver_sql(
-        "INSERT INTO vectors (face_id, space, vector) VALUES (?, ?, ?)",
+    _insert_rows(
+        conn,
+        "INSERT INTO vectors (face_id, space, vector) VALUES ",
         [(i, k, _as_blob(v)) for i, f in zip(ids, faces) for k, v in f.vectors.items()],
     )
     return ids
+
+
+def _insert_rows(conn: Any, head: str, rows: list[tuple[Any, ...]]) -> None:
+    """Rows in multi-row INSERTs: one statement step per ~100 rows, not one each.
+
+    Each step hands the GIL back and forth; at GPU enrollment rates, one per row left the
+    writer thread queueing for the GIL behind the threads feeding the GPU.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per = max(1, 999 // width)  # SQLite's variable limit before 3.32
+    for at in range(0, len(rows), per):
+        chunk = rows[at : at + per]
+        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+        conn.exec_driver_sql(head + values, tuple(v for row in chunk for v in row))
 
 
 class Store:
