@@ -117,6 +117,54 @@ def test_second_process_sees_the_gallery(make_engine, ten, tmp_path: Path) -> No
     assert name not in [m.identity for m in engine.query(photos[1], k=10)]
 
 
+@pytest.mark.stores("faiss", "postgresql")
+def test_a_query_reads_the_generation_once_and_sees_other_writers(
+    make_engine, ten, monkeypatch
+) -> None:
+    engine = make_engine("shared")
+    people = list(ten.items())
+    enroll_first(engine, dict(people[:5]))
+    name, photos = people[5]
+    reads: list[int] = []
+    read = engine.store.generation
+    monkeypatch.setattr(engine.store, "generation", lambda: reads.append(1) or read())
+    assert engine.query(photos[1], caption="a person", k=1).mode == "fused"
+    assert len(reads) == 1
+    # Another engine on the folder (as another process would) enrolls: the next query sees it,
+    # reading again to catch the index up; the one after reads once.
+    enroll_first(make_engine("shared"), dict(people[5:6]))
+    assert engine.query(photos[1], caption="a person", k=1)[0].identity == name
+    assert len(reads) == 3
+    engine.query(photos[1], caption="a person", k=1)
+    assert len(reads) == 4
+
+
+@pytest.mark.stores("faiss")
+def test_an_index_newer_than_the_querys_read_is_used_not_rebuilt(
+    make_engine, ten, monkeypatch
+) -> None:
+    import threading
+
+    from tgfr_search import engine as engine_module
+
+    engine = make_engine("shared")
+    people = list(ten.items())
+    enroll_first(engine, dict(people[:5]))
+    engine.query(people[0][1][1], k=1)
+    builds: list[int] = []
+    build = engine_module.build_index
+    monkeypatch.setattr(
+        engine_module, "build_index", lambda *a, **kw: builds.append(1) or build(*a, **kw)
+    )
+    with engine._one_generation():  # a query has read the generation...
+        enroll_first(make_engine("shared"), dict(people[5:6]))  # ...another process writes...
+        catch_up = threading.Thread(target=engine._index("face").sync)  # ...a thread catches up
+        catch_up.start()
+        catch_up.join()
+        index = engine._index("face").sync()  # the query's own search
+    assert len(index) == 6 and not builds
+
+
 def test_no_face_and_bad_files_are_reported_not_fatal(make_engine, ten, tmp_path: Path) -> None:
     engine = make_engine()
     blank = tmp_path / "blank.png"

@@ -1,4 +1,4 @@
-"""One torch thread for small CPU batches: a query's text and heads, not a gallery's."""
+"""One torch thread for small CPU batches: a query's heads (and torch MiniLM), not a gallery's."""
 
 from __future__ import annotations
 

