@@ -109,3 +109,19 @@ def test_torch_backend_can_be_chosen_and_others_are_refused() -> None:
     assert MiniLM(minilm_dir(), half=True).backend == "torch"  # fp16 weights: torch
     with pytest.raises(ValueError, match="backend must be auto or torch"):
         MiniLM(minilm_dir(), backend="tensorrt")
+
+
+def test_rust_tokenizer_gives_the_wrappers_inputs(captions, on_ort) -> None:
+    """`_tokenize` (the Rust tokenizer alone) feeds the model what `transformers` would."""
+    from tgfr_search.models.text import _sanitise
+
+    tokenizer, _ = on_ort._load()
+    assert on_ort._fast is not None
+    odd = ["", " ", "x" * 5000, "glasses " * 200, "café über 😀 眼镜", "a\ud800b"]
+    clean = [_sanitise(t, on_ort.max_length * 200) for t in [*captions, *odd]]
+    got = on_ort._tokenize(tokenizer, clean)
+    want = tokenizer(clean, padding=True, truncation=True, max_length=on_ort.max_length)
+    assert set(got) == set(want)
+    for name, ids in got.items():
+        assert ids.dtype == np.int64
+        assert np.array_equal(ids, np.array(want[name])), name

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
 __all__ = ["MiniLM", "TextEncoder", "TextEncoding"]
 
+# A model input's name -> the field of a `tokenizers.Encoding` that holds it.
+_ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "token_type_ids": "type_ids",
+    "attention_mask": "attention_mask",
+}
+
 # Tokenising a pathological multi-megabyte string costs seconds; far fewer characters than this
 # already fill max_length tokens for any real description.
 _CHARS_PER_TOKEN_CAP = 200
@@ -106,6 +113,7 @@ class MiniLM:
         """ONNX Runtime threads within each operator (default: all cores)."""
         self._model: Any = None
         self._tokenizer: Any = None
+        self._fast: Any = None  # the Rust tokenizer itself, padding and truncating (see _tokenize)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -138,6 +146,19 @@ class MiniLM:
 
                 hf_logging.disable_progress_bar()  # a local load needs no "Loading weights" bar
                 tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+                if getattr(tokenizer, "is_fast", False) and set(tokenizer.model_input_names) <= set(
+                    _ENCODING_FIELDS
+                ):
+                    from tokenizers import Tokenizer
+
+                    # A copy: padding and truncation are settings of the object, and the
+                    # wrapper sets its own on the original at each call.
+                    fast = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+                    fast.enable_truncation(self.max_length)
+                    fast.enable_padding(
+                        pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token
+                    )
+                    self._fast = fast
                 model = self._onnx_session(tokenizer) if self.backend == "onnxruntime" else None
                 if model is None:
                     self.backend = "torch"
@@ -219,10 +240,10 @@ class MiniLM:
                 torch.zeros((0, self.dim), device=self.device),
             )
         tokenizer, model = self._load()
-        batch = tokenizer(
-            clean, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {
+            k: torch.from_numpy(v).to(self.device, non_blocking=True)
+            for k, v in self._tokenize(tokenizer, clean).items()
+        }
         states, pooled_parts = [], []
         with torch.inference_mode():
             for start in range(0, len(clean), self.batch_size):
@@ -258,15 +279,11 @@ class MiniLM:
                 sentence=empty,
             )
         tokenizer, model = self._load()
-        batch = tokenizer(
-            clean, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
+        batch = self._tokenize(tokenizer, clean)
         mask = batch["attention_mask"].astype(bool)
         tokens = np.empty((*mask.shape, self.dim), dtype=np.float32)
         for start in range(0, len(clean), self.batch_size):
-            part = {
-                k: v[start : start + self.batch_size].astype(np.int64) for k, v in batch.items()
-            }
+            part = {k: v[start : start + self.batch_size] for k, v in batch.items()}
             tokens[start : start + len(part["input_ids"])] = self._forward(model, part)
         tokens[~mask] = 0.0
         # Pooling as sentence-transformers' all-MiniLM-L6-v2: masked mean, then unit norm.
@@ -274,6 +291,28 @@ class MiniLM:
         norm = np.linalg.norm(pooled, axis=1, keepdims=True)
         sentence = (pooled / np.maximum(norm, 1e-12)).astype(np.float32)
         return TextEncoding(tokens=tokens, mask=mask, sentence=sentence)
+
+    def _tokenize(self, tokenizer: Any, clean: list[str]) -> dict[str, np.ndarray]:
+        """The model's inputs as int64 arrays, padded to the longest text, truncated to max_length.
+
+        Straight from the Rust tokenizer where there is one: `transformers`' wrapper spends
+        Python on every text, which at GPU enrollment rates (thousands of captions a second)
+        held up the thread that feeds the GPU. The ids are the wrapper's (tests/test_text.py).
+        """
+        if self._fast is None:
+            batch = tokenizer(
+                clean,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="np",
+            )
+            return {k: v.astype(np.int64) for k, v in batch.items()}
+        encodings = self._fast.encode_batch(clean)
+        return {
+            name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encodings], dtype=np.int64)
+            for name in tokenizer.model_input_names
+        }
 
     def _forward(self, model: Any, part: dict[str, np.ndarray]) -> np.ndarray:
         """(n, L, dim) float32 last hidden states of one batch of token arrays, on the CPU."""
