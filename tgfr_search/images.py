@@ -79,7 +79,7 @@ def _plain_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a complete JPEG or 8-bit RGB/grey PNG that needs no EXIF turn, else None.
 
     Such files decode to the same pixels through OpenCV as through PIL, in one call that holds
-    the GIL for microseconds, not PIL's hundreds (GPU enrollment decodes 10,000 crops a second).
+    the GIL for microseconds, not PIL's hundreds (GPU enrollment decodes thousands a second).
     """
     if data[:2] == b"\xff\xd8" and data.endswith(b"\xff\xd9"):  # a JPEG with its end marker
         at = 2
@@ -88,11 +88,13 @@ def _plain_size(data: bytes) -> tuple[int, int] | None:
             length = int.from_bytes(data[at + 2 : at + 4], "big")
             if marker == 0xE1 and data[at + 4 : at + 8] == b"Exif":
                 return None  # may say "rotate me": PIL's exif_transpose does that
-            if marker in (0xC0, 0xC1, 0xC2) and data[at + 9] in (1, 3):
+            if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended or progressive Huffman
+                if data[at + 9] not in (1, 3):
+                    return None  # CMYK and other component counts: PIL converts those
                 height = int.from_bytes(data[at + 5 : at + 7], "big")
                 return int.from_bytes(data[at + 7 : at + 9], "big"), height
-            if marker in (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDA):
-                return None  # lossless, hierarchical or arithmetic coding, or no frame header
+            if not (0xE0 <= marker <= 0xEF or marker in (0xFE, 0xDB, 0xC4, 0xDD, 0xCC)):
+                return None  # anything but APPn, COM and tables before the frame: PIL decides
             at += 2 + length
         return None
     if (
