@@ -182,7 +182,7 @@ _FACE_COLUMNS = (
 def _insert_faces_sqlite(
     s: Session, faces: Sequence[NewFace], identity_ids: Mapping[str, int], generation: int
 ) -> list[int]:
-    """Faces and vectors through the driver's executemany: the GPU path's bottleneck otherwise.
+    """Faces and vectors as multi-row INSERTs straight to the driver (see `_insert_rows`).
 
     Ids are the next rowids, as SQLite would pick them: the transaction already holds the write
     lock (the generation was bumped), so no other writer can take them. Values are stored by the
@@ -312,9 +312,9 @@ class Store:
     def add_faces(self, faces: Sequence[NewFace]) -> list[int]:
         """Store a batch of faces in one transaction; returns their ids in order.
 
-        Rows go in as bulk INSERTs (one multi-row statement per few hundred rows, ids from
-        RETURNING) rather than one ORM object each: ~10x the rows per second, which GPU
-        enrollment needs.
+        Rows go in as bulk INSERTs rather than one ORM object each (on SQLite, multi-row
+        statements with the ids picked here; elsewhere, ids from RETURNING): several times the
+        rows per second, which GPU enrollment needs.
         """
         if not faces:
             return []
