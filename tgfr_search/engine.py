@@ -632,7 +632,8 @@ class SearchEngine:
         # On a CPU the stages compete for the same cores (2 here): overlapping them made
         # enrollment slower, so the writer thread and early PNG encoding are for GPUs only.
         on_gpu = getattr(self.models.face, "device", "cpu") != "cpu"
-        pool = ThreadPoolExecutor(max_workers=_workers() if on_gpu else 2)
+        workers = _workers() if on_gpu else 2
+        pool = ThreadPoolExecutor(max_workers=workers)
         writer = ThreadPoolExecutor(max_workers=1)
         with self._write_lock(), pool, writer:
             for space in self._spaces():  # read the saved indexes before this run adds faces
@@ -649,7 +650,7 @@ class SearchEngine:
 
             for chunk in itertools.chain(_chunks(items, batch_size), [[]]):
                 # A few dozen images per task: one future per image costs GIL time at GPU rates.
-                step = max(1, min(64, -(-len(chunk) // (2 * _workers()))))
+                step = max(1, min(64, -(-len(chunk) // (2 * workers))))
                 nxt = [
                     pool.submit(_decode_all, chunk[i : i + step])
                     for i in range(0, len(chunk), step)
