@@ -100,6 +100,30 @@ def test_reopen_keeps_rows(url: str) -> None:
     s2.close()
 
 
+def test_new_sqlite_files_get_16k_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    import sqlite3
+
+    def page_size(path: Path) -> int:
+        with sqlite3.connect(path) as con:
+            return int(con.execute("PRAGMA page_size").fetchone()[0])
+
+    new = tmp_path / "new.db"
+    Store(sqlite_url(new)).close()
+    assert page_size(new) == 16384
+    old = tmp_path / "old.db"  # made before 16 KB pages: 4 KB, in WAL mode already
+    with sqlite3.connect(old) as con:
+        con.execute("PRAGMA page_size=4096")
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE t (x)")
+    s = Store(sqlite_url(old))
+    s.add_faces([face("a", "h1", [1, 0])])
+    s.close()
+    assert page_size(old) == 4096
+    s = Store(sqlite_url(old))
+    assert s.counts() == (1, 1)
+    s.close()
+
+
 def test_bad_or_unreachable_metadata_urls_say_so_in_one_line() -> None:
     from tgfr_search import BackendUnavailable, MissingDependency
 
