@@ -20,10 +20,14 @@ them) or as decoded RGB arrays (`--input arrays`, as a camera pipeline would han
 `--copies K` enrolls K copies of every aligned crop, each one a new face to the engine with the
 same pixels (files: a JPEG comment naming the copy, written to a temporary folder first; arrays:
 the lowest bit of 8 corner pixels changed): the same throughput, K times the faces, so a few
-thousand real crops make a long enough run on a GPU.
+thousand real crops make a long enough run on a GPU. Copy c takes the crop's c-th generated
+caption (five each, in turn), so the text encoder sees as many distinct captions as it would
+on as many real photos.
 Model loading is timed apart and excluded from every rate. `--stages` adds, for the last timed
-run, the wall seconds spent in each stage (summed over the threads that ran it): decoding, the
-duplicate check, the models, PNG encoding and the store's insert.
+run, the wall seconds spent in each stage (summed over the threads that ran it): in the calling
+thread, waiting for decoding, the duplicate check and detection, and waiting for the models and
+the writer; the models; PNG encoding; the commit and within it the store's insert. (Decoding
+itself runs in worker processes on a GPU, out of reach of these timers.)
 
     python benchmarks/enroll_throughput.py [--modes raw,raw-captions,aligned] [--device cpu]
         [--lfw DIR] [--input files|arrays] [--copies K] [--batch-size B] [--stages]
@@ -54,16 +58,17 @@ def vectron_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def captions_for(lfw: Path, paths: list[Path]) -> list[str]:
-    """One generated caption per image (the first of the manifest's), by `Person/file.jpg`."""
+def caption_lists(lfw: Path, paths: list[Path]) -> list[list[str]]:
+    """The manifest's generated captions of each image (by `Person/file.jpg`), at least one."""
     from tgfr_search.training.lfw import iter_manifest
 
     table_ = {r["image"].split("/", 1)[1]: r["captions"] for r in iter_manifest(lfw)}
-    out = []
-    for p in paths:
-        caps = table_.get(f"{p.parent.name}/{p.name}") or ["A photo of a person."]
-        out.append(caps[0])
-    return out
+    return [table_.get(f"{p.parent.name}/{p.name}") or ["A photo of a person."] for p in paths]
+
+
+def captions_for(lfw: Path, paths: list[Path]) -> list[str]:
+    """One generated caption per image: the first of the manifest's."""
+    return [caps[0] for caps in caption_lists(lfw, paths)]
 
 
 def yardstick_raw(images: list[Path], repeats: int) -> dict[str, Any]:
@@ -170,9 +175,11 @@ def _timed_stages(spent: dict[str, float]) -> Any:
     from tgfr_search.store import store
 
     targets = [
-        (eng, "_decode_all", "decode (pool threads)"),
+        (eng, "_collect", "waiting for decoding (main)"),
         (store.Store, "existing", "duplicate check (main)"),
-        (eng.SearchEngine, "_embed", "models (main)"),
+        (eng.SearchEngine, "_prepare_batch", "duplicates and detection (main)"),
+        (eng.SearchEngine, "_hand_over", "waiting for models and writer (main)"),
+        (eng.SearchEngine, "_embed_batch", "models (GPU thread)"),
         (eng, "_pngs", "PNG crops (pool threads)"),
         (eng.SearchEngine, "_commit_batch", "commit (writer)"),
         (store.Store, "add_faces", "store insert (writer)"),
@@ -336,7 +343,7 @@ def main() -> None:
             files = files[: args.limit]
         if not files:
             sys.exit(f"no LFW aligned crops under {args.lfw}")
-        caps = captions_for(args.lfw, files)
+        caps = caption_lists(args.lfw, files)
         rgb = [load_image(f)[:, :, ::-1].copy() for f in files]
         copy_dir = tempfile.TemporaryDirectory()
         copies: list[tuple[int, Any]] = (
@@ -356,8 +363,15 @@ def main() -> None:
             base = add(name, "aligned", result, "faces/s")
 
         def aligned_items() -> list[Any]:
+            # Copy c of a crop takes the crop's caption c (of the manifest's five, in turn), so
+            # copies do not hand the text encoder the same caption again.
             return [
-                EnrollItem(x, files[i].parent.name, caption=caps[i], source=f"{files[i]}#{n}")
+                EnrollItem(
+                    x,
+                    files[i].parent.name,
+                    caption=caps[i][n // len(files) % len(caps[i])],
+                    source=f"{files[i]}#{n}",
+                )
                 for n, (i, x) in enumerate(copies)
             ]
 

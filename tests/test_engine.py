@@ -212,6 +212,64 @@ def test_aligned_crops_skip_detection(make_engine, lfw: Path) -> None:
     assert engine.query(probe, aligned=True, k=1)[0].identity == people[2].name
 
 
+@pytest.mark.stores("faiss")
+def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
+    make_engine, lfw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overlapped stages of a GPU run (worker processes decoding, a GPU thread, a writer
+    thread), forced on the CPU: the same rows, crops, vectors and report as one after another."""
+    import tgfr_search.engine as engine_module
+
+    files = sorted((lfw / "aligned112").rglob("*.jpg"))[:30]
+    photo = next(iter(sorted((lfw / "raw").rglob("*.jpg"))))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    pixels = cv2.imread(str(files[1]))
+    pixels[0, 0] ^= 1
+    items = [EnrollItem(f, f.parent.name, caption=f"photo {i}") for i, f in enumerate(files)]
+    items[3:3] = [
+        EnrollItem(files[0], "again"),  # a duplicate within the run
+        EnrollItem(broken, "broken"),
+        EnrollItem(photo, "not aligned"),  # 250x250: skipped
+        EnrollItem(files[5].read_bytes() + b"x", "bytes", caption="bytes"),
+        EnrollItem(pixels, "array", caption="an array"),
+    ]
+    started, start = [], engine_module._decode_processes
+
+    def processes(workers: int):
+        started.append(start(workers))
+        return started[-1]
+
+    runs = {}
+    for name in ("sequential", "overlapped"):
+        engine = make_engine(name)
+        with monkeypatch.context() as m:
+            if name == "overlapped":
+                m.setattr(engine_module, "_overlaps", lambda models: True)
+                m.setattr(engine_module, "_decode_processes", processes)
+            done = []
+            report = engine.enroll_many(items, aligned=True, batch_size=4, progress=done.append)
+        ids = sorted(report.face_ids)
+        runs[name] = (
+            report.enrolled,
+            sorted((s.source, s.reason) for s in report.skipped),
+            report.duplicates,
+            sum(done),
+            engine.store.crops_of(ids),
+            {i: (f.identity, f.caption) for i, f in engine.store.face_info(ids).items()},
+            {s: engine.store.vectors_of(s, ids, dim=engine._index(s).dim) for s in engine._spaces()},
+            [m.identity for m in engine.query(files[7], aligned=True, k=3)],
+        )
+    assert started and started[0] is not None, "no decoding processes ran"
+    seq, ovl = runs["sequential"], runs["overlapped"]
+    assert seq[0] == len(files) + 2 and seq[1:6] == ovl[1:6]
+    assert len(seq[1]) == 2 and seq[2] == [str(files[0])] and seq[3] == len(items)
+    assert seq[6].keys() == ovl[6].keys() and len(seq[6]) >= 3
+    for space in seq[6]:
+        assert np.allclose(seq[6][space], ovl[6][space], atol=1e-5), space
+    assert seq[7] == ovl[7] and seq[7][0] == files[7].parent.name
+
+
 def test_filters_restrict_before_ranking(make_engine, ten) -> None:
     engine = make_engine()
     names = list(ten)

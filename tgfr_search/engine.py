@@ -6,11 +6,13 @@ import csv
 import functools
 import itertools
 import json
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from tgfr_search.errors import (
     NoFaceFound,
     TGFRError,
 )
-from tgfr_search.images import content_hash, load_image
+from tgfr_search.images import decode_all, load_image
 from tgfr_search.index import (
     VectorIndex,
     VectorSpace,
@@ -187,7 +189,7 @@ class _Decoded:
     image: np.ndarray | None = None
     digest: str = ""
     error: str | None = None
-    data: bytes | None = None  # the file's bytes, when the image came as a file or bytes
+    data: bytes | None = None  # the file's bytes, when it is small enough to store as the crop
 
 
 def _source_of(item: EnrollItem) -> str:
@@ -198,26 +200,19 @@ def _source_of(item: EnrollItem) -> str:
     return "<memory>"
 
 
-def _decode(item: EnrollItem) -> _Decoded:
-    """Read, hash and decode one image; errors become a reason instead of an exception."""
-    src = _source_of(item)
-    try:
-        data = item.image
-        if isinstance(data, (str, os.PathLike)):
-            data = Path(data).read_bytes()
-        image = load_image(data, name=src)
-        # Files are keyed by their bytes; in-memory images by their pixels.
-        if isinstance(data, bytes):
-            return _Decoded(item, src, image, content_hash(data), data=data)
-        return _Decoded(item, src, image, content_hash(image.tobytes()))
-    except ImageError as e:
-        return _Decoded(item, src, error=str(e))
-    except OSError as e:
-        return _Decoded(item, src, error=f"cannot read {src}: {e.strerror or e}")
-
-
-def _decode_all(items: Sequence[EnrollItem]) -> list[_Decoded]:
-    return [_decode(it) for it in items]
+def _collect(pending: list[tuple[list[EnrollItem], Future[list[Any]]]]) -> list[_Decoded]:
+    """The decoded images of a batch, in order, from its decoding tasks."""
+    decoded: list[_Decoded] = []
+    for part, task in pending:
+        try:
+            results = task.result()
+        except BrokenProcessPool:
+            raise ImageError(
+                f"a decoding process died on one of {len(part)} images from "
+                f"{_source_of(part[0])}; the batches before it are stored"
+            ) from None
+        decoded += [_Decoded(it, _source_of(it), *r) for it, r in zip(part, results)]
+    return decoded
 
 
 def _chunks(items: Iterable[EnrollItem], size: int) -> Iterator[list[EnrollItem]]:
@@ -267,14 +262,49 @@ def _workers() -> int:
     return max(2, min(8, cores))
 
 
+def _overlaps(models: Any) -> bool:
+    """Whether enrollment overlaps its stages: when the models run on a GPU."""
+    return getattr(models.face, "device", "cpu") != "cpu"
+
+
+class _Inline(Executor):
+    """Runs each task at once in the caller: the CPU pipeline's stages, which must not overlap."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except Exception as e:  # raised again by result(), as from a pool
+            done.set_exception(e)
+        return done
+
+
+def _decode_processes(workers: int) -> Executor | None:
+    """Worker processes for decoding files on a GPU host, or None where they cannot start.
+
+    At GPU rates, decoding threads queued for the interpreter lock with the threads feeding
+    the GPU and the store. The workers are forked, as PyTorch's data loaders are on Linux: a
+    fork server or spawned workers would import the caller's script again (running any code
+    it has outside an `if __name__ == "__main__":` guard) and take seconds to start. They run
+    `decode_all` alone and never touch CUDA; they are forked before any decoding thread runs.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    try:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    except (OSError, ValueError):  # no semaphores here
+        return None
+
+
 @dataclass
 class _Staged:
-    """An embedded batch waiting for its PNG crops and its transaction."""
+    """A batch on its way to the store: faces and crops, then its vectors, then its PNG crops."""
 
     faces: list[NewFace]
+    crops: list[np.ndarray]
     todo: list[int]  # the faces whose crops `pngs` encode, in order
     pngs: list[Future[list[bytes]]]
-    vectors: dict[str, np.ndarray]
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class _SpaceIndex:
@@ -620,55 +650,64 @@ class SearchEngine:
         batch_size: int = 32,
         progress: Callable[[int], None] | None = None,
     ) -> EnrollReport:
-        """Enroll images in batches: decode ahead in threads, detect, embed, commit per batch.
+        """Enroll images in batches: decode ahead, detect, embed, commit per batch.
 
-        Three batches are in flight: the next one decodes in a thread pool while this one is
-        detected and embedded, and the one before is committed by a writer thread (its PNG
-        crops were encoded in the pool while it was embedded). Each batch is one transaction,
-        and batches commit in order.
+        On a GPU four batches are in flight: the newest is decoded (files in worker processes
+        from the second batch on), the next is checked for duplicates (and detected) in this
+        thread, the one before is embedded by a GPU thread while a thread pool encodes its PNG
+        crops, and the oldest is committed by a writer thread. On a CPU the stages run one
+        after the other, with decoding one batch ahead in two threads. Each batch is one
+        transaction, and batches commit in order.
         """
         report = EnrollReport()
         _ = self.models, self.tgfr  # load and check the models before taking the lock
         # On a CPU the stages compete for the same cores (2 here): overlapping them made
-        # enrollment slower, so the writer thread and early PNG encoding are for GPUs only.
-        on_gpu = getattr(self.models.face, "device", "cpu") != "cpu"
+        # enrollment slower, so only decoding runs ahead there.
+        on_gpu = _overlaps(self.models)
         workers = _workers() if on_gpu else 2
-        pool = ThreadPoolExecutor(max_workers=workers)
-        writer = ThreadPoolExecutor(max_workers=1)
-        with self._write_lock(), pool, writer:
+        keep = _KEEP_FILE_BYTES if aligned else 0
+        with ExitStack() as stack:
+            stack.enter_context(self._write_lock())
+            threads = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+            gpu: Executor = _Inline()
+            writer: Executor = _Inline()
+            if on_gpu:
+                gpu = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+                writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+            chunks = _chunks(items, batch_size)
+            first, second = next(chunks, []), next(chunks, [])
+            processes = None
+            if on_gpu and second:  # a run of one batch starts no processes
+                processes = _decode_processes(workers)
+                if processes is not None:
+                    stack.enter_context(processes)
             for space in self._spaces():  # read the saved indexes before this run adds faces
                 self._index(space).sync()
-            pending: list[Future[list[_Decoded]]] = []
+            pending: list[tuple[list[EnrollItem], Future[list[Any]]]] = []
+            embedding: tuple[Future[_Staged | None], int] | None = None
             writing: tuple[Future[None], int] | None = None
             staged: set[str] = set()  # digests of this run: a later copy is a duplicate
-
-            def wait_for_writer() -> None:
-                if writing is not None:
-                    writing[0].result()
-                    if progress:
-                        progress(writing[1])
-
-            for chunk in itertools.chain(_chunks(items, batch_size), [[]]):
+            for chunk in itertools.chain([first, second], chunks, [[]]):
                 # A few dozen images per task: one future per image costs GIL time at GPU rates.
                 step = max(1, min(64, -(-len(chunk) // (2 * workers))))
-                nxt = [
-                    pool.submit(_decode_all, chunk[i : i + step])
-                    for i in range(0, len(chunk), step)
-                ]
+                nxt = []
+                for i in range(0, len(chunk), step):
+                    part = chunk[i : i + step]
+                    jobs = [(it.image, _source_of(it)) for it in part]
+                    files = all(isinstance(src, (str, os.PathLike, bytes)) for src, _ in jobs)
+                    pool = processes if processes is not None and files else threads
+                    nxt.append((part, pool.submit(decode_all, jobs, keep)))
                 if pending:
-                    decoded = [d for f in pending for d in f.result()]
+                    decoded = _collect(pending)
                     batch = self._prepare_batch(
-                        decoded, report, aligned, all_faces, staged, pool if on_gpu else None
+                        decoded, report, aligned, all_faces, staged, threads if on_gpu else gpu
                     )
-                    wait_for_writer()
-                    if on_gpu:
-                        writing = (writer.submit(self._commit_batch, batch, report), len(decoded))
-                    else:
-                        self._commit_batch(batch, report)
-                        if progress:
-                            progress(len(decoded))
+                    embedded = embedding
+                    embedding = (gpu.submit(self._embed_batch, batch), len(decoded))
+                    writing = self._hand_over(embedded, writing, writer, report, progress)
                 pending = nxt
-            wait_for_writer()
+            writing = self._hand_over(embedding, writing, writer, report, progress)
+            self._hand_over(None, writing, writer, report, progress)
             self._save_indexes()
         return report
 
@@ -692,9 +731,9 @@ class SearchEngine:
         aligned: bool,
         all_faces: bool,
         staged: set[str],
-        pool: ThreadPoolExecutor | None,
+        pngs: Executor,
     ) -> _Staged | None:
-        """Detect (or check) and embed one batch; with a `pool`, its PNG crops encode meanwhile."""
+        """Check for duplicates and detect (or check) one batch; `pngs` encodes its PNG crops."""
         report.images += len(decoded)
         seen = self.store.existing((d.digest, 0) for d in decoded if d.error is None)
         fresh: list[_Decoded] = []
@@ -717,8 +756,8 @@ class SearchEngine:
                     report.skipped.append(Skipped(d.source, str(e)))
                     continue
                 face = self._new_face(d, 0, 1, None)
-                if d.data is not None and len(d.data) <= _KEEP_FILE_BYTES:
-                    face.crop = d.data  # already the aligned crop: stored as it came
+                if d.data is not None:
+                    face.crop = d.data  # a small aligned file: stored as it came
                 faces.append(face)
         else:
             detections = self.models.detector.detect([d.image for d in fresh])
@@ -737,23 +776,39 @@ class SearchEngine:
         if not faces:
             return None
         todo = [i for i, f in enumerate(faces) if not f.crop]  # crops to store as PNG
-        step = 64  # cv2 releases the GIL: the crops encode while the models run
-        pngs = (
-            []
-            if pool is None
-            else [
-                pool.submit(_pngs, [crops[j] for j in todo[i : i + step]])
-                for i in range(0, len(todo), step)
-            ]
-        )
-        vectors, _ = self._embed(crops, [f.caption for f in faces])
-        if pool is None:
-            done: Future[list[bytes]] = Future()
-            done.set_result(_pngs([crops[j] for j in todo]))
-            pngs = [done]
-        for i, f in enumerate(faces):
-            f.vectors = {space: v[i] for space, v in vectors.items()}
-        return _Staged(faces, todo, pngs, vectors)
+        step = 64  # cv2 releases the GIL: in a pool, the crops encode while the models run
+        futures = [
+            pngs.submit(_pngs, [crops[j] for j in todo[i : i + step]])
+            for i in range(0, len(todo), step)
+        ]
+        return _Staged(faces, crops, todo, futures)
+
+    def _embed_batch(self, staged: _Staged | None) -> _Staged | None:
+        """The batch's vectors in every space this engine keeps."""
+        if staged is None:
+            return None
+        staged.vectors, _ = self._embed(staged.crops, [f.caption for f in staged.faces])
+        for i, f in enumerate(staged.faces):
+            f.vectors = {space: v[i] for space, v in staged.vectors.items()}
+        staged.crops = []
+        return staged
+
+    def _hand_over(
+        self,
+        embedded: tuple[Future[_Staged | None], int] | None,
+        writing: tuple[Future[None], int] | None,
+        writer: Executor,
+        report: EnrollReport,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[Future[None], int] | None:
+        """Wait for the batch being committed, then give the writer the `embedded` one."""
+        if writing is not None:
+            writing[0].result()
+            if progress:
+                progress(writing[1])
+        if embedded is None:
+            return None
+        return writer.submit(self._commit_batch, embedded[0].result(), report), embedded[1]
 
     def _commit_batch(self, staged: _Staged | None, report: EnrollReport) -> None:
         """One transaction for an embedded batch; its vectors go straight into the indexes."""

@@ -7,8 +7,9 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -23,7 +24,16 @@ if TYPE_CHECKING:
 else:
     ImageSource = Any
 
-__all__ = ["MAX_PIXELS", "MIN_SIDE", "ImageSource", "content_hash", "load_image"]
+__all__ = [
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "Decoded",
+    "ImageSource",
+    "content_hash",
+    "decode",
+    "decode_all",
+    "load_image",
+]
 
 MAX_PIXELS = 40_000_000
 """Largest image (width x height) accepted: a guard against decompression bombs."""
@@ -38,6 +48,40 @@ _PLAIN_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "P"}
 def content_hash(data: bytes) -> str:
     """Return the SHA-256 hex digest of a file's bytes, the key for de-duplicating photos."""
     return hashlib.sha256(data).hexdigest()
+
+
+class Decoded(NamedTuple):
+    """An image read, hashed and decoded, or the reason it could not be (`error`)."""
+
+    image: np.ndarray | None
+    digest: str = ""
+    """SHA-256 of a file's (or bytes') bytes, else of the decoded pixels."""
+    error: str | None = None
+    data: bytes | None = None
+    """The file's bytes, when it came as a file or bytes of at most `keep_bytes`."""
+
+
+def decode(src: ImageSource, name: str, keep_bytes: int = 0) -> Decoded:
+    """Read, hash and decode one image; errors become a reason instead of an exception."""
+    try:
+        data = src
+        if isinstance(data, (str, os.PathLike)):
+            data = Path(data).read_bytes()
+        image = load_image(data, name=name)
+        # Files are keyed by their bytes; in-memory images by their pixels.
+        if isinstance(data, bytes):
+            kept = data if len(data) <= keep_bytes else None
+            return Decoded(image, content_hash(data), data=kept)
+        return Decoded(image, content_hash(image.tobytes()))
+    except ImageError as e:
+        return Decoded(None, error=str(e))
+    except OSError as e:
+        return Decoded(None, error=f"cannot read {name}: {e.strerror or e}")
+
+
+def decode_all(jobs: Sequence[tuple[ImageSource, str]], keep_bytes: int = 0) -> list[Decoded]:
+    """`decode` for each (source, name): one task for a pool of threads or processes."""
+    return [decode(src, name, keep_bytes) for src, name in jobs]
 
 
 def load_image(src: ImageSource, *, name: str | None = None) -> np.ndarray:
