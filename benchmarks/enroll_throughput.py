@@ -25,9 +25,9 @@ caption (five each, in turn), so the text encoder sees as many distinct captions
 on as many real photos.
 Model loading is timed apart and excluded from every rate. `--stages` adds, for the last timed
 run, the wall seconds spent in each stage (summed over the threads that ran it): in the calling
-thread, waiting for decoding, the duplicate check and detection, and waiting for the models and
-the writer; the models; PNG encoding; the commit and within it the store's insert. (Decoding
-itself runs in worker processes on a GPU, out of reach of these timers.)
+thread, waiting for decoding, the duplicate check and detection, the models, and waiting for
+the writer; PNG encoding (pool threads); the commit and within it the store's insert (writer
+thread). Decoding itself runs in worker processes on a GPU, out of reach of these timers.
 
     python benchmarks/enroll_throughput.py [--modes raw,raw-captions,aligned] [--device cpu]
         [--lfw DIR] [--input files|arrays] [--copies K] [--batch-size B] [--stages]
@@ -178,8 +178,8 @@ def _timed_stages(spent: dict[str, float]) -> Any:
         (eng, "_collect", "waiting for decoding (main)"),
         (store.Store, "existing", "duplicate check (main)"),
         (eng.SearchEngine, "_prepare_batch", "duplicates and detection (main)"),
-        (eng.SearchEngine, "_hand_over", "waiting for models and writer (main)"),
-        (eng.SearchEngine, "_embed_batch", "models (GPU thread)"),
+        (eng.SearchEngine, "_embed_batch", "models (main)"),
+        (eng, "_wait_for", "waiting for the writer (main)"),
         (eng, "_pngs", "PNG crops (pool threads)"),
         (eng.SearchEngine, "_commit_batch", "commit (writer)"),
         (store.Store, "add_faces", "store insert (writer)"),

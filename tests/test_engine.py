@@ -216,8 +216,9 @@ def test_aligned_crops_skip_detection(make_engine, lfw: Path) -> None:
 def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
     make_engine, lfw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The overlapped stages of a GPU run (worker processes decoding, a GPU thread, a writer
-    thread), forced on the CPU: the same rows, crops, vectors and report as one after another."""
+    """The overlapped stages of a GPU run (forked processes decoding into shared memory, a
+    writer thread), forced on the CPU: the same rows, crops, vectors and report as one stage
+    after another."""
     import tgfr_search.engine as engine_module
 
     files = sorted((lfw / "aligned112").rglob("*.jpg"))[:30]
@@ -236,8 +237,8 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
     ]
     started, start = [], engine_module._decode_processes
 
-    def processes(workers: int):
-        started.append(start(workers))
+    def processes(workers: int, arena):
+        started.append(start(workers, arena))
         return started[-1]
 
     runs = {}

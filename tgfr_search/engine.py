@@ -32,7 +32,7 @@ from tgfr_search.errors import (
     NoFaceFound,
     TGFRError,
 )
-from tgfr_search.images import decode_all, load_image
+from tgfr_search.images import Arena, Decoded, decode_all, load_image, use_arena
 from tgfr_search.index import (
     VectorIndex,
     VectorSpace,
@@ -200,10 +200,15 @@ def _source_of(item: EnrollItem) -> str:
     return "<memory>"
 
 
-def _collect(pending: list[tuple[list[EnrollItem], Future[list[Any]]]]) -> list[_Decoded]:
-    """The decoded images of a batch, in order, from its decoding tasks."""
+# A decoding task: its items, their results to come, and the arena slot of the first one.
+_Task = tuple[list[EnrollItem], Future[list[Decoded]], int | None]
+
+
+def _collect(pending: list[_Task], arena: Arena | None) -> list[_Decoded]:
+    """The decoded images of a batch, in order, from its decoding tasks (pixels from `arena`
+    slots where the workers put them there)."""
     decoded: list[_Decoded] = []
-    for part, task in pending:
+    for part, task, first_slot in pending:
         try:
             results = task.result()
         except BrokenProcessPool:
@@ -211,8 +216,22 @@ def _collect(pending: list[tuple[list[EnrollItem], Future[list[Any]]]]) -> list[
                 f"a decoding process died on one of {len(part)} images from "
                 f"{_source_of(part[0])}; the batches before it are stored"
             ) from None
-        decoded += [_Decoded(it, _source_of(it), *r) for it, r in zip(part, results)]
+        for k, (item, (image, digest, error, data)) in enumerate(zip(part, results)):
+            if isinstance(image, tuple):
+                assert arena is not None and first_slot is not None
+                image = arena.take(first_slot + k, image)
+            decoded.append(_Decoded(item, _source_of(item), image, digest, error, data))
     return decoded
+
+
+def _wait_for(
+    writing: tuple[Future[None], int] | None, progress: Callable[[int], None] | None
+) -> None:
+    """Wait for the batch being committed (raising what it raised), then report it."""
+    if writing is not None:
+        writing[0].result()
+        if progress:
+            progress(writing[1])
 
 
 def _chunks(items: Iterable[EnrollItem], size: int) -> Iterator[list[EnrollItem]]:
@@ -279,19 +298,26 @@ class _Inline(Executor):
         return done
 
 
-def _decode_processes(workers: int) -> Executor | None:
+def _decode_processes(workers: int, arena: Arena) -> Executor | None:
     """Worker processes for decoding files on a GPU host, or None where they cannot start.
 
-    At GPU rates, decoding threads queued for the interpreter lock with the threads feeding
-    the GPU and the store. The workers are forked, as PyTorch's data loaders are on Linux: a
-    fork server or spawned workers would import the caller's script again (running any code
-    it has outside an `if __name__ == "__main__":` guard) and take seconds to start. They run
-    `decode_all` alone and never touch CUDA; they are forked before any decoding thread runs.
+    At GPU rates, decoding threads queued for the interpreter lock with the thread feeding the
+    GPU and the writer, and pixels sent back through a pipe kept the receiving thread busy:
+    the workers write pixels into the shared `arena` instead. They are forked, as PyTorch's
+    data loaders are on Linux: a fork server or spawned workers would import the caller's
+    script again (running any code it has outside an `if __name__ == "__main__":` guard) and
+    take seconds to start. They run `decode_all` alone, never CUDA, and are forked before any
+    decoding thread runs.
     """
     if "fork" not in multiprocessing.get_all_start_methods():
         return None
     try:
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        return ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=use_arena,
+            initargs=(arena,),
+        )
     except (OSError, ValueError):  # no semaphores here
         return None
 
@@ -652,12 +678,11 @@ class SearchEngine:
     ) -> EnrollReport:
         """Enroll images in batches: decode ahead, detect, embed, commit per batch.
 
-        On a GPU four batches are in flight: the newest is decoded (files in worker processes
-        from the second batch on), the next is checked for duplicates (and detected) in this
-        thread, the one before is embedded by a GPU thread while a thread pool encodes its PNG
-        crops, and the oldest is committed by a writer thread. On a CPU the stages run one
-        after the other, with decoding one batch ahead in two threads. Each batch is one
-        transaction, and batches commit in order.
+        On a GPU three batches are in flight: the next one is decoded (files in worker
+        processes), this one is checked for duplicates (or detected) and embedded in this
+        thread while a thread pool encodes its PNG crops, and the one before is committed by a
+        writer thread. On a CPU the stages run one after the other, with decoding one batch
+        ahead in two threads. Each batch is one transaction, and batches commit in order.
         """
         report = EnrollReport()
         _ = self.models, self.tgfr  # load and check the models before taking the lock
@@ -669,45 +694,50 @@ class SearchEngine:
         with ExitStack() as stack:
             stack.enter_context(self._write_lock())
             threads = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
-            gpu: Executor = _Inline()
-            writer: Executor = _Inline()
+            inline = _Inline()
+            writer: Executor = inline
             if on_gpu:
-                gpu = stack.enter_context(ThreadPoolExecutor(max_workers=1))
                 writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))
             chunks = _chunks(items, batch_size)
             first, second = next(chunks, []), next(chunks, [])
-            processes = None
+            processes, arena = None, None
             if on_gpu and second:  # a run of one batch starts no processes
-                processes = _decode_processes(workers)
+                # Slots for two batches (one being decoded while the other is read), each
+                # crop-sized: larger images (raw photos) come back through the pipe.
+                arena = Arena(2 * batch_size, 112 * 112 * 3)
+                stack.callback(arena.close)
+                processes = _decode_processes(workers, arena)
                 if processes is not None:
                     stack.enter_context(processes)
             for space in self._spaces():  # read the saved indexes before this run adds faces
                 self._index(space).sync()
-            pending: list[tuple[list[EnrollItem], Future[list[Any]]]] = []
-            embedding: tuple[Future[_Staged | None], int] | None = None
+            pending: list[_Task] = []
             writing: tuple[Future[None], int] | None = None
             staged: set[str] = set()  # digests of this run: a later copy is a duplicate
-            for chunk in itertools.chain([first, second], chunks, [[]]):
+            for n, chunk in enumerate(itertools.chain([first, second], chunks, [[]])):
                 # A few dozen images per task: one future per image costs GIL time at GPU rates.
                 step = max(1, min(64, -(-len(chunk) // (2 * workers))))
-                nxt = []
+                nxt: list[_Task] = []
                 for i in range(0, len(chunk), step):
                     part = chunk[i : i + step]
                     jobs = [(it.image, _source_of(it)) for it in part]
-                    files = all(isinstance(src, (str, os.PathLike, bytes)) for src, _ in jobs)
-                    pool = processes if processes is not None and files else threads
-                    nxt.append((part, pool.submit(decode_all, jobs, keep)))
+                    if processes is not None and all(
+                        isinstance(src, (str, os.PathLike, bytes)) for src, _ in jobs
+                    ):
+                        slot = n % 2 * batch_size + i
+                        nxt.append((part, processes.submit(decode_all, jobs, keep, slot), slot))
+                    else:
+                        nxt.append((part, threads.submit(decode_all, jobs, keep), None))
                 if pending:
-                    decoded = _collect(pending)
+                    decoded = _collect(pending, arena)
                     batch = self._prepare_batch(
-                        decoded, report, aligned, all_faces, staged, threads if on_gpu else gpu
+                        decoded, report, aligned, all_faces, staged, threads if on_gpu else inline
                     )
-                    embedded = embedding
-                    embedding = (gpu.submit(self._embed_batch, batch), len(decoded))
-                    writing = self._hand_over(embedded, writing, writer, report, progress)
+                    self._embed_batch(batch)
+                    _wait_for(writing, progress)
+                    writing = (writer.submit(self._commit_batch, batch, report), len(decoded))
                 pending = nxt
-            writing = self._hand_over(embedding, writing, writer, report, progress)
-            self._hand_over(None, writing, writer, report, progress)
+            _wait_for(writing, progress)
             self._save_indexes()
         return report
 
@@ -783,32 +813,14 @@ class SearchEngine:
         ]
         return _Staged(faces, crops, todo, futures)
 
-    def _embed_batch(self, staged: _Staged | None) -> _Staged | None:
+    def _embed_batch(self, staged: _Staged | None) -> None:
         """The batch's vectors in every space this engine keeps."""
         if staged is None:
-            return None
+            return
         staged.vectors, _ = self._embed(staged.crops, [f.caption for f in staged.faces])
         for i, f in enumerate(staged.faces):
             f.vectors = {space: v[i] for space, v in staged.vectors.items()}
         staged.crops = []
-        return staged
-
-    def _hand_over(
-        self,
-        embedded: tuple[Future[_Staged | None], int] | None,
-        writing: tuple[Future[None], int] | None,
-        writer: Executor,
-        report: EnrollReport,
-        progress: Callable[[int], None] | None,
-    ) -> tuple[Future[None], int] | None:
-        """Wait for the batch being committed, then give the writer the `embedded` one."""
-        if writing is not None:
-            writing[0].result()
-            if progress:
-                progress(writing[1])
-        if embedded is None:
-            return None
-        return writer.submit(self._commit_batch, embedded[0].result(), report), embedded[1]
 
     def _commit_batch(self, staged: _Staged | None, report: EnrollReport) -> None:
         """One transaction for an embedded batch; its vectors go straight into the indexes."""

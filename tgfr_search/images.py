@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import re
 import warnings
@@ -53,7 +54,8 @@ def content_hash(data: bytes) -> str:
 class Decoded(NamedTuple):
     """An image read, hashed and decoded, or the reason it could not be (`error`)."""
 
-    image: np.ndarray | None
+    image: np.ndarray | tuple[int, ...] | None
+    """The pixels (BGR uint8), or only their shape where they went to an `Arena` slot."""
     digest: str = ""
     """SHA-256 of a file's (or bytes') bytes, else of the decoded pixels."""
     error: str | None = None
@@ -79,9 +81,55 @@ def decode(src: ImageSource, name: str, keep_bytes: int = 0) -> Decoded:
         return Decoded(None, error=f"cannot read {name}: {e.strerror or e}")
 
 
-def decode_all(jobs: Sequence[tuple[ImageSource, str]], keep_bytes: int = 0) -> list[Decoded]:
-    """`decode` for each (source, name): one task for a pool of threads or processes."""
-    return [decode(src, name, keep_bytes) for src, name in jobs]
+class Arena:
+    """Shared memory that forked decoding workers write pixels into: `slots` images of up to
+    `slot_bytes` each, so that only digests, small files and shapes cross the pipe back."""
+
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self.buffer = mmap.mmap(-1, slots * slot_bytes)  # anonymous and shared: forks see it
+
+    def put(self, slot: int, image: np.ndarray) -> bool:
+        """Copy `image` into `slot`; False when it does not fit."""
+        if image.nbytes > self.slot_bytes:
+            return False
+        view = np.frombuffer(self.buffer, np.uint8, image.nbytes, slot * self.slot_bytes)
+        view[:] = image.reshape(-1)
+        return True
+
+    def take(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+        """A copy of the uint8 image of `shape` in `slot`."""
+        n = int(np.prod(shape))
+        return np.frombuffer(self.buffer, np.uint8, n, slot * self.slot_bytes).reshape(shape).copy()
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+_arena: Arena | None = None  # a decoding worker's: set by `use_arena` as the worker starts
+
+
+def use_arena(arena: Arena) -> None:
+    global _arena
+    _arena = arena
+
+
+def decode_all(
+    jobs: Sequence[tuple[ImageSource, str]], keep_bytes: int = 0, first_slot: int | None = None
+) -> list[Decoded]:
+    """`decode` for each (source, name): one task for a pool of threads or processes.
+
+    With `first_slot`, in a worker given an arena by `use_arena`, job k's pixels go to slot
+    `first_slot + k` where they fit, and its `image` is then only their shape.
+    """
+    out = []
+    for k, (src, name) in enumerate(jobs):
+        d = decode(src, name, keep_bytes)
+        image = d.image
+        if first_slot is not None and _arena is not None and isinstance(image, np.ndarray):
+            d = d._replace(image=image.shape) if _arena.put(first_slot + k, image) else d
+        out.append(d)
+    return out
 
 
 def load_image(src: ImageSource, *, name: str | None = None) -> np.ndarray:
