@@ -715,8 +715,13 @@ class SearchEngine:
             writing: tuple[Future[None], int] | None = None
             staged: set[str] = set()  # digests of this run: a later copy is a duplicate
             for n, chunk in enumerate(itertools.chain([first, second], chunks, [[]])):
-                # A few dozen images per task: one future per image costs GIL time at GPU rates.
-                step = max(1, min(64, -(-len(chunk) // (2 * workers))))
+                # Each finished task costs the thread receiving it the GIL, which the thread
+                # feeding the GPU holds for up to 5 ms at a time: one task per process and
+                # batch; a few dozen images per thread task.
+                if processes is not None:
+                    step = max(1, -(-len(chunk) // workers))
+                else:
+                    step = max(1, min(64, -(-len(chunk) // (2 * workers))))
                 nxt: list[_Task] = []
                 for i in range(0, len(chunk), step):
                     part = chunk[i : i + step]

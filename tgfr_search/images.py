@@ -110,8 +110,13 @@ _arena: Arena | None = None  # a decoding worker's: set by `use_arena` as the wo
 
 
 def use_arena(arena: Arena) -> None:
+    """Start a decoding worker: its pixels go to `arena`, and OpenCV decodes in one thread
+    (the workers are the parallelism; OpenCV's own threads only competed with them)."""
     global _arena
     _arena = arena
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def decode_all(
