@@ -205,8 +205,8 @@ _Task = tuple[list[EnrollItem], Future[list[Decoded]], int | None]
 
 
 def _collect(pending: list[_Task], arena: Arena | None) -> list[_Decoded]:
-    """The decoded images of a batch, in order, from its decoding tasks (pixels from `arena`
-    slots where the workers put them there)."""
+    """The decoded images of a batch, in order, from its decoding tasks (views of the `arena`
+    slots where the workers put the pixels)."""
     decoded: list[_Decoded] = []
     for part, task, first_slot in pending:
         try:
@@ -216,10 +216,14 @@ def _collect(pending: list[_Task], arena: Arena | None) -> list[_Decoded]:
                 f"a decoding process died on one of {len(part)} images from "
                 f"{_source_of(part[0])}; the batches before it are stored"
             ) from None
+        views: list[np.ndarray] = []
+        if first_slot is not None:
+            assert arena is not None
+            shapes = [r.image if isinstance(r.image, tuple) else (0,) for r in results]
+            views = arena.images(first_slot, shapes)
         for k, (item, (image, digest, error, data)) in enumerate(zip(part, results)):
-            if isinstance(image, tuple):
-                assert arena is not None and first_slot is not None
-                image = arena.take(first_slot + k, image)
+            if isinstance(image, tuple):  # the pixels are in the arena
+                image = views[k]
             decoded.append(_Decoded(item, _source_of(item), image, digest, error, data))
     return decoded
 
@@ -702,10 +706,10 @@ class SearchEngine:
             first, second = next(chunks, []), next(chunks, [])
             processes, arena = None, None
             if on_gpu and second:  # a run of one batch starts no processes
-                # Slots for two batches (one being decoded while the other is read), each
-                # crop-sized: larger images (raw photos) come back through the pipe.
-                arena = Arena(2 * batch_size, 112 * 112 * 3)
-                stack.callback(arena.close)
+                # Crop-sized slots (larger images, raw photos, come back through the pipe) for
+                # three batches: batch n's slots are written again by batch n + 3, after the
+                # commit of n (and its PNG crops) is done.
+                arena = Arena(3 * batch_size, 112 * 112 * 3)
                 processes = _decode_processes(workers, arena)
                 if processes is not None:
                     stack.enter_context(processes)
@@ -729,7 +733,7 @@ class SearchEngine:
                     if processes is not None and all(
                         isinstance(src, (str, os.PathLike, bytes)) for src, _ in jobs
                     ):
-                        slot = n % 2 * batch_size + i
+                        slot = n % 3 * batch_size + i
                         nxt.append((part, processes.submit(decode_all, jobs, keep, slot), slot))
                     else:
                         nxt.append((part, threads.submit(decode_all, jobs, keep), None))

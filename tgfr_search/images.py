@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import mmap
 import os
 import re
@@ -87,7 +88,9 @@ class Arena:
 
     def __init__(self, slots: int, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
-        self.buffer = mmap.mmap(-1, slots * slot_bytes)  # anonymous and shared: forks see it
+        # Anonymous and shared: the forked workers write into the pages their parent reads.
+        # No close(): the pages go when the last view of them does.
+        self.buffer = mmap.mmap(-1, slots * slot_bytes)
 
     def put(self, slot: int, image: np.ndarray) -> bool:
         """Copy `image` into `slot`; False when it does not fit."""
@@ -97,13 +100,12 @@ class Arena:
         view[:] = image.reshape(-1)
         return True
 
-    def take(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
-        """A copy of the uint8 image of `shape` in `slot`."""
-        n = int(np.prod(shape))
-        return np.frombuffer(self.buffer, np.uint8, n, slot * self.slot_bytes).reshape(shape).copy()
-
-    def close(self) -> None:
-        self.buffer.close()
+    def images(self, first: int, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+        """Views (no copies) of the uint8 images of `shapes` in the slots from `first` on,
+        valid until a worker writes those slots again."""
+        size = self.slot_bytes
+        block = np.frombuffer(self.buffer, np.uint8, len(shapes) * size, first * size)
+        return [block[k * size : k * size + math.prod(s)].reshape(s) for k, s in enumerate(shapes)]
 
 
 _arena: Arena | None = None  # a decoding worker's: set by `use_arena` as the worker starts
