@@ -236,6 +236,9 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
         EnrollItem(pixels, "array", caption="an array"),
     ]
     started, start = [], engine_module._decode_processes
+    # The parent has used OpenCV's thread pool before forking (a forked worker that touched
+    # the pool's settings then hung).
+    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))
 
     def processes(workers: int, arena):
         started.append(start(workers, arena))

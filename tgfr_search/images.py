@@ -112,13 +112,13 @@ _arena: Arena | None = None  # a decoding worker's: set by `use_arena` as the wo
 
 
 def use_arena(arena: Arena) -> None:
-    """Start a decoding worker: its pixels go to `arena`, and OpenCV decodes in one thread
-    (the workers are the parallelism; OpenCV's own threads only competed with them)."""
+    """Start a decoding worker: its pixels go to `arena`.
+
+    Nothing else: a forked worker must not reconfigure OpenCV's thread pool (as
+    `cv2.setNumThreads` does), which hangs when the parent had used that pool.
+    """
     global _arena
     _arena = arena
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 def decode_all(
