@@ -261,7 +261,10 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
             sum(done),
             engine.store.crops_of(ids),
             {i: (f.identity, f.caption) for i, f in engine.store.face_info(ids).items()},
-            {s: engine.store.vectors_of(s, ids, dim=engine._index(s).dim) for s in engine._spaces()},
+            {
+                s: engine.store.vectors_of(s, ids, dim=engine._index(s).dim)
+                for s in engine._spaces()
+            },
             [m.identity for m in engine.query(files[7], aligned=True, k=3)],
         )
     assert started and started[0] is not None, "no decoding processes ran"
