@@ -343,7 +343,7 @@ def main() -> None:
             files = files[: args.limit]
         if not files:
             sys.exit(f"no LFW aligned crops under {args.lfw}")
-        caps = caption_lists(args.lfw, files)
+        texts = caption_lists(args.lfw, files)
         rgb = [load_image(f)[:, :, ::-1].copy() for f in files]
         copy_dir = tempfile.TemporaryDirectory()
         copies: list[tuple[int, Any]] = (
@@ -369,7 +369,7 @@ def main() -> None:
                 EnrollItem(
                     x,
                     files[i].parent.name,
-                    caption=caps[i][n // len(files) % len(caps[i])],
+                    caption=texts[i][n // len(files) % len(texts[i])],
                     source=f"{files[i]}#{n}",
                 )
                 for n, (i, x) in enumerate(copies)

@@ -1,0 +1,214 @@
+"""GPU enrollment, stage by stage: variants of the pipeline in one process, then the models' parts.
+
+Each variant patches the engine for its runs, then `enroll_throughput.ours` enrolls the same
+48,000 faces (2,400 LFW aligned crops x 20 commented copies, as `enroll_throughput.py --copies
+20 --input files`) into fresh engines and reports the median rate and the stage seconds:
+
+* `new`: the engine as it is.
+* `no-arena`: decoded pixels come back through the worker pipes, not shared memory.
+* `threads-decode`: decoding in threads of this process, no worker processes.
+* `stub models`: the models replaced by fixed vectors (what the rest of the pipeline allows).
+* `stub store`: the store's insert replaced by handing out ids (what the rest allows).
+* `4k-pages`: new SQLite files with 4 KB pages, as before 16 KB.
+* `N workers`: N decoding processes.
+
+Then, on batches of 4,096 crops with their captions: `TGFRRuntime.embed` and its parts, and
+the operations in one `embed` that synchronise with the GPU.
+
+    python benchmarks/enroll_variants.py [--variants new,no-arena,...] [--repeats 2]
+        [--batch-size 4096] [--copies 20] [--limit N] [--no-parts]
+        [--out results/enroll_variants.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import enroll_throughput as et  # noqa: E402
+from _common import LFW, machine, write_json  # noqa: E402
+
+
+@contextlib.contextmanager
+def patched(pairs: list[tuple[Any, str, Any]]) -> Any:
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in pairs]
+    for owner, name, value in pairs:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
+    import tgfr_search.engine as engine
+    from tgfr_search import images
+    from tgfr_search.store import store
+
+    pragmas = store._sqlite_pragmas
+
+    def pragmas_4k(conn: Any, record: Any) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA page_size=4096")
+        cur.close()
+        pragmas(conn, record)
+
+    fixed: dict[str, np.ndarray] = {}
+
+    def stub_embed(self: Any, crops: list[Any], captions: list[Any]) -> Any:
+        if not fixed or len(next(iter(fixed.values()))) != len(crops):
+            rng = np.random.default_rng(0)
+            fixed.clear()
+            fixed.update(
+                {k: rng.standard_normal((len(crops), d), np.float32) for k, d in dims.items()}
+            )
+        return dict(fixed), None
+
+    issued = [0]
+
+    def stub_add(self: Any, faces: list[Any]) -> list[int]:
+        first = issued[0] + 1
+        issued[0] += len(faces)
+        return list(range(first, first + len(faces)))
+
+    out: dict[str, list[tuple[Any, str, Any]]] = {
+        "new": [],
+        "no-arena": [(images.Arena, "put", lambda self, slot, image: False)],
+        "threads-decode": [(engine, "_decode_processes", lambda workers, arena: None)],
+        "stub models": [(engine.SearchEngine, "_embed", stub_embed)],
+        "stub store": [(store.Store, "add_faces", stub_add)],
+        "4k-pages": [(store, "_sqlite_pragmas", pragmas_4k)],
+    }
+    for n in (4, 6, 12, 16):
+        out[f"{n} workers"] = [(engine, "_workers", lambda n=n: n)]
+    return out
+
+
+def parts(files: list[Path], caps: list[list[str]], device: str, n: int) -> dict[str, Any]:
+    """`embed` and its parts on one batch, and where one `embed` waits for the GPU."""
+    import torch
+
+    from tgfr_search import SearchEngine
+    from tgfr_search.images import load_image
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp, SearchEngine(Path(tmp) / "db", device=device) as eng:
+        rt = eng.tgfr
+        crops = [load_image(files[i % len(files)]) for i in range(n)]
+        texts = [
+            caps[i % len(files)][i // len(files) % len(caps[i % len(files)])] for i in range(n)
+        ]
+        distinct = sorted(set(texts))
+        rt.embed(crops[:64], texts[:64])
+        needs = rt.model.config.needs_regions
+        tokenizer, _ = rt.text._load()
+
+        def timed(label: str, fn: Any) -> None:
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[label] = round(1e3 * statistics.median(times), 1)
+            print(f"  {label}: {out[label]} ms per {n}", flush=True)
+
+        print(f"parts, batch {n}, {len(distinct)} distinct captions")
+        timed("embed() end to end", lambda: rt.embed(crops, texts))
+        timed(
+            "recogniser + region map", lambda: rt.regions.embed_full_tensors(crops, regions=needs)
+        )
+        timed("tokenise the distinct captions", lambda: rt.text._tokenize(tokenizer, distinct))
+        timed("text parts (tokenise + MiniLM + text heads)", lambda: rt._text_parts(distinct))
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rt.embed(crops, texts)
+        torch.cuda.set_sync_debug_mode(0)
+        where = collections.Counter(
+            f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
+        )
+        out["sync_points"] = dict(where)
+        print(f"  operations that wait for the GPU in one embed(): {dict(where)}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lfw", type=Path, default=LFW)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--variants", default="new,no-arena,threads-decode,stub models,stub store")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--limit", type=int, default=0, help="at most this many aligned crops")
+    ap.add_argument("--no-parts", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/enroll_variants.json"))
+    args = ap.parse_args()
+    from tgfr_search import EnrollItem, SearchEngine
+
+    files = sorted((args.lfw / "aligned112").glob("*/*.jpg"))[: args.limit or None]
+    caps = et.caption_lists(args.lfw, files)
+    copy_dir = tempfile.TemporaryDirectory()
+    copies = et.commented_copies(files, args.copies, Path(copy_dir.name))
+
+    def items() -> list[Any]:
+        return [
+            EnrollItem(
+                x,
+                files[i].parent.name,
+                caption=caps[i][n // len(files) % len(caps[i])],
+                source=f"{files[i]}#{n}",
+            )
+            for n, (i, x) in enumerate(copies)
+        ]
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        SearchEngine(Path(tmp) / "db", device=args.device) as eng,
+    ):
+        vectors, _ = eng._embed([np.zeros((112, 112, 3), np.uint8)] * 2, ["a", "b"])
+        dims = {k: v.shape[1] for k, v in vectors.items()}
+    table = variants(dims)
+    results: dict[str, Any] = {}
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        with patched(table[name]):
+            r = et.ours(
+                items,
+                len(copies),
+                aligned=True,
+                device=args.device,
+                repeats=args.repeats,
+                batch_size=args.batch_size,
+                stages=True,
+            )
+        results[name] = r
+        print(
+            f"{name}: {r['rate']:.0f} faces/s {r['rates']}\n  {r.get('stage_seconds')}", flush=True
+        )
+    doc: dict[str, Any] = {
+        "machine": machine(),
+        "args": vars(args) | {"lfw": str(args.lfw), "out": str(args.out)},
+    }
+    doc["variants"] = results
+    if not args.no_parts:
+        doc["parts_ms"] = parts(files, caps, args.device, args.batch_size)
+    copy_dir.cleanup()
+    write_json(args.out, doc)
+
+
+if __name__ == "__main__":
+    main()
