@@ -277,6 +277,44 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
     assert seq[7] == ovl[7] and seq[7][0] == files[7].parent.name
 
 
+@pytest.mark.stores("faiss")
+def test_a_decoding_process_that_dies_stops_the_run_and_keeps_earlier_batches(
+    make_engine, lfw: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder that crashes on a hostile file (here: exits) takes its worker process down,
+    not the engine: one clear error, and the batches before it stay stored."""
+    import os
+
+    import tgfr_search.engine as engine_module
+    from tgfr_search import ImageError, images
+
+    files = sorted((lfw / "aligned112").rglob("*.jpg"))[:20]
+    poison = files[13]
+    decode = images.decode
+
+    def crashing(src, name, keep_bytes=0):
+        if name == str(poison) and os.getpid() != parent:
+            os._exit(1)  # a worker process: as a segfault in a decoder would end it
+        return decode(src, name, keep_bytes)
+
+    parent = os.getpid()
+    monkeypatch.setattr(engine_module, "_overlaps", lambda models: True)
+    monkeypatch.setattr(images, "decode", crashing)
+    engine = make_engine()
+    items = [EnrollItem(f, f.parent.name) for f in files]
+    with pytest.raises(
+        ImageError, match="a decoding process died .* batches before them are stored"
+    ):
+        engine.enroll_many(items, aligned=True, batch_size=4)
+    # The batches before the poisoned one: all three, or two when the worker died while the
+    # third was still decoding (its tasks fail with the pool).
+    stored = engine.info()["faces"]
+    assert stored in (8, 12)
+    monkeypatch.undo()
+    again = engine.enroll_many(items, aligned=True, batch_size=4)
+    assert again.enrolled == len(files) - stored and len(again.duplicates) == stored
+
+
 def test_filters_restrict_before_ranking(make_engine, ten) -> None:
     engine = make_engine()
     names = list(ten)

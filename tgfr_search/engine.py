@@ -204,18 +204,42 @@ def _source_of(item: EnrollItem) -> str:
 _Task = tuple[list[EnrollItem], Future[list[Decoded]], int | None]
 
 
+def _decode_batch(
+    chunk: list[EnrollItem],
+    keep: int,
+    threads: Executor,
+    workers: int,
+    processes: Executor | None,
+    slots: int,
+) -> list[_Task]:
+    """Tasks decoding one batch: files and bytes in `processes` (their pixels into the arena
+    slots from `slots` on) where there are some, the rest in `threads`."""
+    # Each finished task costs the thread receiving it the GIL, which the thread feeding the
+    # GPU holds for up to 5 ms at a time: one task per process and batch; a few dozen images
+    # per thread task.
+    if processes is not None:
+        step = max(1, -(-len(chunk) // workers))
+    else:
+        step = max(1, min(64, -(-len(chunk) // (2 * workers))))
+    tasks: list[_Task] = []
+    for i in range(0, len(chunk), step):
+        part = chunk[i : i + step]
+        jobs = [(it.image, _source_of(it)) for it in part]
+        if processes is not None and all(
+            isinstance(src, (str, os.PathLike, bytes)) for src, _ in jobs
+        ):
+            tasks.append((part, processes.submit(decode_all, jobs, keep, slots + i), slots + i))
+        else:
+            tasks.append((part, threads.submit(decode_all, jobs, keep), None))
+    return tasks
+
+
 def _collect(pending: list[_Task], arena: Arena | None) -> list[_Decoded]:
     """The decoded images of a batch, in order, from its decoding tasks (views of the `arena`
     slots where the workers put the pixels)."""
     decoded: list[_Decoded] = []
     for part, task, first_slot in pending:
-        try:
-            results = task.result()
-        except BrokenProcessPool:
-            raise ImageError(
-                f"a decoding process died on one of {len(part)} images from "
-                f"{_source_of(part[0])}; the batches before it are stored"
-            ) from None
+        results = task.result()
         views: list[np.ndarray] = []
         if first_slot is not None:
             assert arena is not None
@@ -698,10 +722,12 @@ class SearchEngine:
         with ExitStack() as stack:
             stack.enter_context(self._write_lock())
             threads = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
-            inline = _Inline()
-            writer: Executor = inline
+            # PNG crops and commits: alongside the models on a GPU, one after them on a CPU.
+            writer: Executor = _Inline()
+            pngs: Executor = writer
             if on_gpu:
                 writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+                pngs = threads
             chunks = _chunks(items, batch_size)
             first, second = next(chunks, []), next(chunks, [])
             processes, arena = None, None
@@ -718,34 +744,25 @@ class SearchEngine:
             pending: list[_Task] = []
             writing: tuple[Future[None], int] | None = None
             staged: set[str] = set()  # digests of this run: a later copy is a duplicate
-            for n, chunk in enumerate(itertools.chain([first, second], chunks, [[]])):
-                # Each finished task costs the thread receiving it the GIL, which the thread
-                # feeding the GPU holds for up to 5 ms at a time: one task per process and
-                # batch; a few dozen images per thread task.
-                if processes is not None:
-                    step = max(1, -(-len(chunk) // workers))
-                else:
-                    step = max(1, min(64, -(-len(chunk) // (2 * workers))))
-                nxt: list[_Task] = []
-                for i in range(0, len(chunk), step):
-                    part = chunk[i : i + step]
-                    jobs = [(it.image, _source_of(it)) for it in part]
-                    if processes is not None and all(
-                        isinstance(src, (str, os.PathLike, bytes)) for src, _ in jobs
-                    ):
-                        slot = n % 3 * batch_size + i
-                        nxt.append((part, processes.submit(decode_all, jobs, keep, slot), slot))
-                    else:
-                        nxt.append((part, threads.submit(decode_all, jobs, keep), None))
-                if pending:
-                    decoded = _collect(pending, arena)
-                    batch = self._prepare_batch(
-                        decoded, report, aligned, all_faces, staged, threads if on_gpu else inline
-                    )
-                    self._embed_batch(batch)
-                    _wait_for(writing, progress)
-                    writing = (writer.submit(self._commit_batch, batch, report), len(decoded))
-                pending = nxt
+            try:
+                for n, chunk in enumerate(itertools.chain([first, second], chunks, [[]])):
+                    slots = n % 3 * batch_size  # the arena slots of batch n
+                    nxt = _decode_batch(chunk, keep, threads, workers, processes, slots)
+                    if pending:
+                        decoded = _collect(pending, arena)
+                        batch = self._prepare_batch(
+                            decoded, report, aligned, all_faces, staged, pngs
+                        )
+                        self._embed_batch(batch)
+                        _wait_for(writing, progress)
+                        writing = (writer.submit(self._commit_batch, batch, report), len(decoded))
+                    pending = nxt
+            except BrokenProcessPool:  # a decoder crashed (a hostile file?) and took its process
+                where = _source_of(pending[0][0][0]) if pending else "the first batch"
+                raise ImageError(
+                    f"a decoding process died on one of the images from {where} on; "
+                    "the batches before them are stored"
+                ) from None
             _wait_for(writing, progress)
             self._save_indexes()
         return report

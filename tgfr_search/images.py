@@ -112,13 +112,16 @@ _arena: Arena | None = None  # a decoding worker's: set by `use_arena` as the wo
 
 
 def use_arena(arena: Arena) -> None:
-    """Start a decoding worker: its pixels go to `arena`.
+    """Start a decoding worker: its pixels go to `arena`; Ctrl-C is for its parent to handle.
 
     Nothing else: a forked worker must not reconfigure OpenCV's thread pool (as
     `cv2.setNumThreads` does), which hangs when the parent had used that pool.
     """
+    import signal
+
     global _arena
     _arena = arena
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_all(
