@@ -66,6 +66,24 @@ def caption_lists(lfw: Path, paths: list[Path]) -> list[list[str]]:
     return [table_.get(f"{p.parent.name}/{p.name}") or ["A photo of a person."] for p in paths]
 
 
+def copy_items(
+    files: list[Path], texts: list[list[str]], copies: list[tuple[int, Any]]
+) -> list[Any]:
+    """EnrollItems for `copies` of `files`: copy c of a crop takes the crop's c-th caption (of
+    the manifest's five, in turn), so copies do not hand the text encoder one caption again."""
+    from tgfr_search import EnrollItem
+
+    return [
+        EnrollItem(
+            x,
+            files[i].parent.name,
+            caption=texts[i][n // len(files) % len(texts[i])],
+            source=f"{files[i]}#{n}",
+        )
+        for n, (i, x) in enumerate(copies)
+    ]
+
+
 def captions_for(lfw: Path, paths: list[Path]) -> list[str]:
     """One generated caption per image: the first of the manifest's."""
     return [caps[0] for caps in caption_lists(lfw, paths)]
@@ -363,17 +381,7 @@ def main() -> None:
             base = add(name, "aligned", result, "faces/s")
 
         def aligned_items() -> list[Any]:
-            # Copy c of a crop takes the crop's caption c (of the manifest's five, in turn), so
-            # copies do not hand the text encoder the same caption again.
-            return [
-                EnrollItem(
-                    x,
-                    files[i].parent.name,
-                    caption=texts[i][n // len(files) % len(texts[i])],
-                    source=f"{files[i]}#{n}",
-                )
-                for n, (i, x) in enumerate(copies)
-            ]
+            return copy_items(files, texts, copies)
 
         row = add(
             f"tgfr-search enroll_many (aligned + captions, {device})",

@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--no-parts", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/enroll_variants.json"))
     args = ap.parse_args()
-    from tgfr_search import EnrollItem, SearchEngine
+    from tgfr_search import SearchEngine
 
     files = sorted((args.lfw / "aligned112").glob("*/*.jpg"))[: args.limit or None]
     caps = et.caption_lists(args.lfw, files)
@@ -166,15 +166,7 @@ def main() -> None:
     copies = et.commented_copies(files, args.copies, Path(copy_dir.name))
 
     def items() -> list[Any]:
-        return [
-            EnrollItem(
-                x,
-                files[i].parent.name,
-                caption=caps[i][n // len(files) % len(caps[i])],
-                source=f"{files[i]}#{n}",
-            )
-            for n, (i, x) in enumerate(copies)
-        ]
+        return et.copy_items(files, caps, copies)
 
     with (
         tempfile.TemporaryDirectory() as tmp,
