@@ -278,6 +278,33 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
 
 
 @pytest.mark.stores("faiss")
+def test_the_gpu_pipeline_enrolls_raw_photos_as_the_sequential_one_does(
+    make_engine, ten, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw photos are larger than an arena slot: their pixels come back through the pipe."""
+    import tgfr_search.engine as engine_module
+
+    items = [
+        EnrollItem(p, name, caption=f"{name}") for name, photos in ten.items() for p in photos[:2]
+    ]
+    runs = {}
+    for name in ("sequential", "overlapped"):
+        engine = make_engine(name)
+        with monkeypatch.context() as m:
+            if name == "overlapped":
+                m.setattr(engine_module, "_overlaps", lambda models: True)
+            report = engine.enroll_many(items, batch_size=4)
+        ids = sorted(report.face_ids)
+        runs[name] = (
+            report.enrolled,
+            engine.store.crops_of(ids),
+            engine.store.vectors_of("fused", ids, dim=engine._index("fused").dim),
+        )
+    (n, crops, fused), (n2, crops2, fused2) = runs["sequential"], runs["overlapped"]
+    assert n == n2 == len(items) and crops == crops2 and np.allclose(fused, fused2, atol=1e-5)
+
+
+@pytest.mark.stores("faiss")
 def test_a_decoding_process_that_dies_stops_the_run_and_keeps_earlier_batches(
     make_engine, lfw: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
