@@ -34,7 +34,7 @@ def store(url: str) -> Store:
 
 
 def test_migrations_create_schema_at_head(store: Store, tmp_path: Path) -> None:
-    assert schema_revision(store.engine) == head_revision() == "0001"
+    assert schema_revision(store.engine) == head_revision() == "0002"
     tables = set(inspect(store.engine).get_table_names())
     assert {"identities", "faces", "vectors", "settings", "alembic_version"} <= tables
     if store.engine.dialect.name == "sqlite":
@@ -91,6 +91,54 @@ def test_same_content_twice_is_refused_by_the_schema(store: Store) -> None:
     assert store.counts() == (1, 1)  # the failed batch left nothing behind
 
 
+def test_upgrade_from_0001_rewrites_float32_vectors_as_float16_and_back(url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import insert, select
+
+    from tgfr_search.store.schema import Face, Identity, Vector
+    from tgfr_search.store.store import _migrations_dir, as_stored, make_engine
+
+    cfg = Config()
+    cfg.set_main_option("script_location", _migrations_dir())
+
+    def migrate(to: str, how=command.upgrade) -> None:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            how(cfg, to)
+
+    engine = make_engine(url)
+    migrate("0001")  # a store of the first release: float32 blobs
+    vecs = np.random.default_rng(1).standard_normal((7, 512)).astype(np.float32)
+    with engine.begin() as conn:
+        conn.execute(insert(Identity.__table__), [{"name": "a"}])
+        conn.execute(
+            insert(Face.__table__),
+            [
+                {"identity_id": 1, "content_hash": f"h{i}", "crop": b"x", "meta": {}}
+                | {"face_index": 0, "n_faces": 1, "generation": 1}
+                for i in range(7)
+            ],
+        )
+        rows = [{"face_id": i + 1, "vector": v.tobytes()} for i, v in enumerate(vecs)]
+        conn.execute(insert(Vector.__table__), [r | {"space": sp} for r in rows for sp in "ab"])
+    engine.dispose()
+    s = Store(url)  # opening it upgrades it
+    assert schema_revision(s.engine) == "0002"
+    for space in "ab":
+        ids, mat = s.vectors(space, dim=512)
+        assert ids.tolist() == list(range(1, 8))
+        assert np.array_equal(mat, as_stored(vecs))
+    assert np.abs(mat - vecs).max() < 1e-3 * np.abs(vecs).max()
+    s.close()
+    migrate("0001", command.downgrade)
+    with engine.connect() as conn:
+        blobs = conn.execute(select(Vector.vector).order_by(Vector.face_id, Vector.space)).scalars()
+        back = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(7, 2, 512)
+    assert np.array_equal(back[:, 0], as_stored(vecs))
+    engine.dispose()
+
+
 def test_reopen_keeps_rows(url: str) -> None:
     s = Store(url)
     s.add_faces([face("a", "h1", [1, 0])])
@@ -121,6 +169,31 @@ def test_new_sqlite_files_get_16k_pages_and_old_ones_keep_theirs(tmp_path: Path)
     assert page_size(old) == 4096
     s = Store(sqlite_url(old))
     assert s.counts() == (1, 1)
+    s.close()
+
+
+def test_checkpoints_aside_leave_every_row_in_the_database_file(tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "m.db"
+    s = Store(sqlite_url(db))
+    rng = np.random.default_rng(0)
+    with s.checkpoints_aside():  # 6 commits of 200 faces: ~1,000 pages of WAL
+        for b in range(6):
+            s.add_faces(
+                [
+                    face(f"p{i % 7}", f"h{b}-{i}", rng.standard_normal(512), caption="x" * 40)
+                    for i in range(200)
+                ]
+            )
+    assert Path(f"{db}-wal").stat().st_size == 0  # folded in and emptied on the way out
+    shutil.copy(db, tmp_path / "alone.db")  # the file without its WAL holds every row
+    with sqlite3.connect(tmp_path / "alone.db") as con:
+        assert con.execute("SELECT count(*) FROM faces").fetchone()[0] == 1200
+        assert con.execute("SELECT count(*) FROM vectors").fetchone()[0] == 1200
+    s.add_faces([face("a", "after", [1, 0])])  # and writes after the block work as before
+    assert s.counts() == (1201, 8)
     s.close()
 
 

@@ -42,7 +42,7 @@ from tgfr_search.index import (
     open_vectors,
 )
 from tgfr_search.store import FaceInfo, NewFace, Store, sqlite_url
-from tgfr_search.store.store import DELETE_GENERATION
+from tgfr_search.store.store import DELETE_GENERATION, as_stored
 
 DEFAULT_DB = "./tgfr-db"
 MODES = ("auto", "image", "fused", "refine", "text")
@@ -726,6 +726,7 @@ class SearchEngine:
             writer: Executor = _Inline()
             pngs: Executor = writer
             if on_gpu:
+                stack.enter_context(self.store.checkpoints_aside())
                 writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))
                 pngs = threads
             chunks = _chunks(items, batch_size)
@@ -864,7 +865,7 @@ class SearchEngine:
             index = self._index(space)
             extend = getattr(index, "extend", None)  # the faiss-file spaces have it
             if extend is not None:
-                extend(generation, ids, vectors)
+                extend(generation, ids, as_stored(vectors))  # as a rebuild would read them
             index.committed()
         report.face_ids.extend(ids)
         self.audit.record("enroll", face_ids=ids, identities=sorted({f.identity for f in faces}))

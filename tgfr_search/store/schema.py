@@ -79,7 +79,7 @@ class Vector(Base):
         ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True
     )
     space: Mapped[str] = mapped_column(String(32), primary_key=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float16, little-endian (0002)
 
 
 class Setting(Base):
