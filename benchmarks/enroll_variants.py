@@ -10,12 +10,14 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
 * `stub models`: the models replaced by fixed vectors (what the rest of the pipeline allows).
 * `stub store`: the store's insert replaced by handing out ids (what the rest allows).
 * `4k-pages`: new SQLite files with 4 KB pages, as before 16 KB.
-* `checkpoint thread`: commits trigger no WAL checkpoint; a second thread checkpoints
-  (PASSIVE) after each commit, and the rest is folded in before the run ends.
+* `writer checkpoints`: each commit folds the WAL into the file itself, as before
+  `Store.checkpoints_aside` moved that to a thread of its own.
+* `float32 vectors`: vectors stored as float32, as before migration 0002.
+* `IN-list duplicates`: the duplicate check as an IN list of bound hashes, as before.
 * `N workers`: N decoding processes.
 
-Variants combine with `+`: `stub models+checkpoint thread` is the writer alone, checkpointing
-in a second thread.
+Variants combine with `+`: `stub models+writer checkpoints` is the pipeline without the models,
+the writer checkpointing as before.
 
 Then, on batches of 4,096 crops with their captions: `TGFRRuntime.embed` and its parts, and
 the operations in one `embed` that synchronise with the GPU.
@@ -35,7 +37,6 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,33 +90,17 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         issued[0] += len(faces)
         return list(range(first, first + len(faces)))
 
-    # Checkpoints off the writer: no autocheckpoint on commit; a PASSIVE checkpoint in a second
-    # thread after each commit, and the rest folded in before enroll_many returns (timed).
-    def no_autocheckpoint(conn: Any, record: Any) -> None:
-        pragmas(conn, record)
-        cur = conn.cursor()
-        cur.execute("PRAGMA wal_autocheckpoint=0")
-        cur.close()
+    def in_list(self: Any, keys: Any) -> set[tuple[str, int]]:
+        from sqlalchemy import select
 
-    checkpointer = ThreadPoolExecutor(max_workers=1)
-    running: list[Any] = [None]
+        from tgfr_search.store.schema import Face
 
-    def passive(store_: Any) -> None:
-        with store_.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-
-    commit, save = engine.SearchEngine._commit_batch, engine.SearchEngine._save_indexes
-
-    def commit_then_checkpoint(self: Any, staged: Any, report: Any) -> None:
-        commit(self, staged, report)
-        if running[0] is None or running[0].done():
-            running[0] = checkpointer.submit(passive, self.store)
-
-    def save_after_checkpoint(self: Any) -> None:
-        if running[0] is not None:
-            running[0].result()
-        passive(self.store)
-        save(self)
+        hashes = {h for h, _ in keys}
+        with self._session() as s:
+            rows = s.execute(
+                select(Face.content_hash, Face.face_index).where(Face.content_hash.in_(hashes))
+            ).all()
+        return {(h, i) for h, i in rows}
 
     out: dict[str, list[tuple[Any, str, Any]]] = {
         "new": [],
@@ -124,11 +109,9 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "stub models": [(engine.SearchEngine, "_embed", stub_embed)],
         "stub store": [(store.Store, "add_faces", stub_add)],
         "4k-pages": [(store, "_sqlite_pragmas", pragmas_4k)],
-        "checkpoint thread": [
-            (store, "_sqlite_pragmas", no_autocheckpoint),
-            (engine.SearchEngine, "_commit_batch", commit_then_checkpoint),
-            (engine.SearchEngine, "_save_indexes", save_after_checkpoint),
-        ],
+        "writer checkpoints": [(store.Store, "checkpoints_aside", contextlib.nullcontext)],
+        "float32 vectors": [(store, "VECTOR_DTYPE", np.dtype("<f4"))],
+        "IN-list duplicates": [(store.Store, "existing", in_list)],
     }
     for n in (4, 6, 12, 16):
         out[f"{n} workers"] = [(engine, "_workers", lambda n=n: n)]
