@@ -201,6 +201,9 @@ def _timed_stages(spent: dict[str, float]) -> Any:
         (eng, "_pngs", "PNG crops (pool threads)"),
         (eng.SearchEngine, "_commit_batch", "commit (writer)"),
         (store.Store, "add_faces", "store insert (writer)"),
+        (eng, "_decode_processes", "starting the decoding processes (main)"),
+        (eng.SearchEngine, "_save_indexes", "saving the indexes (main)"),
+        (store.Store, "checkpoint", "WAL checkpoints (checkpoint thread, the last one main)"),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
 

@@ -74,7 +74,7 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
 
     fixed: dict[str, np.ndarray] = {}
 
-    def stub_embed(self: Any, crops: list[Any], captions: list[Any]) -> Any:
+    def stub_embed(self: Any, crops: list[Any], captions: list[Any], ready: Any = None) -> Any:
         if not fixed or len(next(iter(fixed.values()))) != len(crops):
             rng = np.random.default_rng(0)
             fixed.clear()

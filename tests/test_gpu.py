@@ -112,6 +112,9 @@ def test_fused_and_aligned_match_cpu(packs, crops) -> None:
         assert (np.linalg.norm(got[space], axis=1) > 0).tolist() == real.tolist(), space
         assert (1 - _cosines(got[space][real], vectors[real])).max() <= COSINE_TOL, space
     assert np.abs(got_norms / ref_norms - 1).max() <= 1e-2
+    ahead, _ = gpu.embed(crops, captions, gpu.tokenize(captions + ["another caption"]))
+    for space, vectors in got.items():  # captions tokenised ahead, as GPU enrollment does
+        np.testing.assert_array_equal(ahead[space], vectors, err_msg=space)
     texts = ["a man with a moustache", "an old woman"]
     assert (1 - _cosines(gpu.caption_vectors(texts), cpu.caption_vectors(texts))).max() <= (
         COSINE_TOL

@@ -65,6 +65,20 @@ def test_padding_does_not_change_a_caption(captions, on_ort) -> None:
     assert (batch.sentence[1] @ alone.sentence[0]) > 1 - 1e-6
 
 
+def test_tokenised_ahead_is_tokenised_now(captions, on_ort) -> None:
+    texts = [captions[3], "", captions[0], ODD[2], captions[3]]
+    ready = on_ort.tokenize(captions[:8] + ODD)  # more texts than encoded, padded longer
+    assert ready.take(["not tokenised"]) is None
+    got, want = on_ort.encode(texts, ready=ready), on_ort.encode(texts)
+    np.testing.assert_array_equal(got.mask, want.mask)  # the same length: the longest of these
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.sentence, want.sentence)
+    missing = on_ort.encode(["not tokenised", texts[0]], ready=ready)  # tokenised now instead
+    np.testing.assert_array_equal(
+        missing.sentence, on_ort.encode(["not tokenised", texts[0]]).sentence
+    )
+
+
 def test_encode_tensors_on_cpu_is_encode(captions, on_ort) -> None:
     tokens, mask, sentence = on_ort.encode_tensors(captions[:5])
     enc = on_ort.encode(captions[:5])

@@ -179,8 +179,10 @@ class TorchIndex:
         torch = _torch()
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         x = vectors
-        if not isinstance(x, torch.Tensor):
-            x = np.ascontiguousarray(x, dtype=np.float32)
+        if not isinstance(x, torch.Tensor):  # float16 stays so: the shards convert on the device
+            x = np.ascontiguousarray(x)
+            if x.dtype != np.float16:
+                x = x.astype(np.float32, copy=False)
         start = 0
         while start < len(ids):  # fill the smallest shard first, keeping shards even
             sizes = [s.n for s in self._shards]

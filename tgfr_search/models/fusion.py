@@ -79,11 +79,16 @@ class TGFRRuntime:
         if self.device != "cpu":
             self.model.to(self.device)  # after the fingerprint, which hashes the CPU weights
 
-    def _text_parts(self, captions: Sequence[str]) -> dict[str, Any]:
+    def tokenize(self, captions: Sequence[str | None]) -> Any:
+        """Captions tokenised ahead of `embed(..., ready=)` (None: this text encoder cannot)."""
+        tokenize = getattr(self.text, "tokenize", None)
+        return None if tokenize is None else tokenize(_texts(captions))
+
+    def _text_parts(self, captions: Sequence[str], ready: Any = None) -> dict[str, Any]:
         if self.device != "cpu":
-            parts = self._text_parts_on_device(captions)
+            parts = self._text_parts_on_device(captions, ready)
         else:
-            enc = self.text.encode(list(captions))
+            enc = self._encode(captions, ready)
             t = self._torch
             parts = self.model.encode_text(
                 t.from_numpy(enc.tokens), t.from_numpy(enc.mask), t.from_numpy(enc.sentence)
@@ -103,13 +108,20 @@ class TGFRRuntime:
             while len(self._recent) > _RECENT:
                 self._recent.popitem(last=False)
 
-    def _text_parts_on_device(self, captions: Sequence[str]) -> dict[str, Any]:
+    def _encode(self, captions: Sequence[str], ready: Any) -> Any:
+        if ready is None:
+            return self.text.encode(list(captions))
+        return self.text.encode(list(captions), ready=ready)
+
+    def _text_parts_on_device(self, captions: Sequence[str], ready: Any = None) -> dict[str, Any]:
         t = self._torch
         words = self.model.config.use_regions  # the global-only heads read sentence vectors alone
         if hasattr(self.text, "encode_tensors"):
-            tokens, mask, sentence = self.text.encode_tensors(list(captions), tokens=words)
+            tokens, mask, sentence = self.text.encode_tensors(
+                list(captions), tokens=words, ready=ready
+            )
         else:
-            enc = self.text.encode(list(captions))
+            enc = self._encode(captions, ready)
             tokens, mask, sentence = (t.from_numpy(x) for x in (enc.tokens, enc.mask, enc.sentence))
         with t.inference_mode():
             return self.model.encode_text(
@@ -119,28 +131,28 @@ class TGFRRuntime:
             )
 
     def embed(
-        self, crops: Sequence[np.ndarray], captions: Sequence[str | None]
+        self, crops: Sequence[np.ndarray], captions: Sequence[str | None], ready: Any = None
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Vectors of every space for aligned crops and their captions (None: no caption).
 
         Returns ({"face": (N,512), "fused": (N,D), "aligned": (N,256), "caption": (N,256)},
         ArcFace norms (N,)): "aligned" is the face and "caption" its caption (zero without one)
-        in the caption <-> face space.
+        in the caption <-> face space. `ready`: the captions as `tokenize` made them ahead.
         """
         t = self._torch
         if self.device != "cpu":
-            return self._embed_on_device(crops, captions)
+            return self._embed_on_device(crops, captions, ready)
         globals_, norms, regions = self.regions.embed_full(crops)
         with t.inference_mode(), few_threads(len(crops)):
             image = self.model.encode_image(
                 t.from_numpy(globals_), t.from_numpy(norms), t.from_numpy(regions)
             )
-            texts = [c if c and c.strip() else "" for c in captions]
+            texts = _texts(captions)
             # Each distinct caption is encoded once (a gallery without captions: just "").
             distinct = sorted(set(texts))
             pos = {x: i for i, x in enumerate(distinct)}
             where = t.tensor([pos[x] for x in texts])
-            text = {k: v[where] for k, v in self._text_parts(distinct).items()}
+            text = {k: v[where] for k, v in self._text_parts(distinct, ready).items()}
             has_text = t.tensor([bool(x) for x in texts])
             fused = self.model.fuse(image, text, has_text=has_text)
             caption = text["sentence"] * has_text[:, None].to(text["sentence"].dtype)
@@ -153,16 +165,16 @@ class TGFRRuntime:
         return {k: v for k, v in out.items() if k == "face" or k in self.dims}, norms
 
     def _embed_on_device(
-        self, crops: Sequence[np.ndarray], captions: Sequence[str | None]
+        self, crops: Sequence[np.ndarray], captions: Sequence[str | None], ready: Any = None
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """`embed` on the GPU: one copy back per space, the region map only where used."""
         t = self._torch
         needs = self.model.config.needs_regions
         globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=needs)
-        texts = [c if c and c.strip() else "" for c in captions]
+        texts = _texts(captions)
         distinct = sorted(set(texts))
         pos = {x: i for i, x in enumerate(distinct)}
-        text_parts = self._text_parts(distinct)
+        text_parts = self._text_parts(distinct, ready)
         with t.inference_mode():
             image = self.model.encode_image(globals_, norms, regions)
             where = t.tensor([pos[x] for x in texts], device=self.device)
@@ -187,3 +199,8 @@ class TGFRRuntime:
             return np.stack(known)  # type: ignore[arg-type]
         with self._torch.inference_mode(), few_threads(len(captions), self.device):
             return self._text_parts(captions)["sentence"].cpu().numpy()
+
+
+def _texts(captions: Sequence[str | None]) -> list[str]:
+    """Captions as the text encoder gets them: a missing or blank one is ""."""
+    return [c if c and c.strip() else "" for c in captions]

@@ -19,7 +19,7 @@ from tgfr_search.models._threads import few_threads
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MiniLM", "TextEncoder", "TextEncoding"]
+__all__ = ["MiniLM", "TextEncoder", "TextEncoding", "Tokens"]
 
 # A model input's name -> the field of a `tokenizers.Encoding` that holds it.
 _ENCODING_FIELDS = {
@@ -48,6 +48,26 @@ class TextEncoding:
     """(N, L) bool, True on real tokens (including [CLS] and [SEP])."""
     sentence: np.ndarray
     """(N, dim) float32 mean of the masked tokens, L2-normalised."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Texts tokenised ahead of their encoding (`MiniLM.tokenize`), a row of inputs each."""
+
+    rows: dict[str, int]
+    """Each (sanitised) text's row in `inputs`."""
+    inputs: dict[str, np.ndarray]
+
+    def take(self, clean: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """The inputs of these texts, padded to the longest of them (None: one is missing)."""
+        at = [self.rows.get(c) for c in clean]
+        if not at or None in at:
+            return None
+        batch = {k: v[at] for k, v in self.inputs.items()}
+        if "attention_mask" not in batch:
+            return batch
+        length = int(batch["attention_mask"].sum(axis=1).max())
+        return {k: v[:, :length] for k, v in batch.items()}
 
 
 @runtime_checkable
@@ -215,24 +235,42 @@ class MiniLM:
             warnings.warn(f"{self.name} stays on torch: ONNX export failed ({e})", stacklevel=2)
             return None
 
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """The model's inputs for texts, to pass to `encode`/`encode_tensors` later as `ready`.
+
+        Tokenising thousands of captions takes tens of milliseconds: GPU enrollment does it
+        for the next batch in a thread while the GPU works on this one.
+        """
+        clean = sorted({self._clean(t) for t in texts})
+        tokenizer, _ = self._load()
+        inputs = self._tokenize(tokenizer, clean) if clean else {}
+        return Tokens({c: i for i, c in enumerate(clean)}, inputs)
+
+    def _clean(self, text: str) -> str:
+        return _sanitise(text, self.max_length * _CHARS_PER_TOKEN_CAP)
+
+    def _inputs(self, tokenizer: Any, clean: list[str], ready: Tokens | None) -> Any:
+        taken = ready.take(clean) if ready is not None else None
+        return taken if taken is not None else self._tokenize(tokenizer, clean)
+
     def encode_tensors(
-        self, texts: Sequence[str], *, tokens: bool = True
+        self, texts: Sequence[str], *, tokens: bool = True, ready: Tokens | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """`encode` as float32 tensors left on the device: (tokens or None, mask, sentence).
 
         `tokens=False` skips the per-token states (N x L x dim floats) for callers that need the
-        sentence vectors alone.
+        sentence vectors alone; `ready` holds the texts' inputs when `tokenize` made them.
         """
         import torch
 
         if self.device == "cpu":
-            enc = self.encode(texts)
+            enc = self.encode(texts, ready=ready)
             sentence = torch.from_numpy(enc.sentence)
             mask = torch.from_numpy(enc.mask)
             return (torch.from_numpy(enc.tokens) if tokens else None), mask, sentence
         if isinstance(texts, str):
             texts = [texts]
-        clean = [_sanitise(t, self.max_length * _CHARS_PER_TOKEN_CAP) for t in texts]
+        clean = [self._clean(t) for t in texts]
         if not clean:
             return (
                 torch.zeros((0, 0, self.dim), device=self.device) if tokens else None,
@@ -242,7 +280,7 @@ class MiniLM:
         tokenizer, model = self._load()
         batch = {
             k: torch.from_numpy(v).to(self.device, non_blocking=True)
-            for k, v in self._tokenize(tokenizer, clean).items()
+            for k, v in self._inputs(tokenizer, clean, ready).items()
         }
         states, pooled_parts = [], []
         with torch.inference_mode():
@@ -257,10 +295,13 @@ class MiniLM:
         mask_t = batch["attention_mask"].bool()
         return (torch.cat(states) if tokens else None), mask_t, torch.cat(pooled_parts)
 
-    def encode(self, texts: Sequence[str]) -> TextEncoding:
-        """Encode texts; long ones are truncated to `max_length` tokens, empty ones are fine."""
+    def encode(self, texts: Sequence[str], *, ready: Tokens | None = None) -> TextEncoding:
+        """Encode texts; long ones are truncated to `max_length` tokens, empty ones are fine.
+
+        `ready`: the texts' inputs, made ahead by `tokenize`.
+        """
         if self.device != "cpu":
-            states, mask_t, sentence_t = self.encode_tensors(texts)
+            states, mask_t, sentence_t = self.encode_tensors(texts, ready=ready)
             assert states is not None
             return TextEncoding(
                 tokens=states.cpu().numpy(),
@@ -270,7 +311,7 @@ class MiniLM:
 
         if isinstance(texts, str):
             texts = [texts]
-        clean = [_sanitise(t, self.max_length * _CHARS_PER_TOKEN_CAP) for t in texts]
+        clean = [self._clean(t) for t in texts]
         if not clean:
             empty = np.zeros((0, self.dim), dtype=np.float32)
             return TextEncoding(
@@ -279,7 +320,7 @@ class MiniLM:
                 sentence=empty,
             )
         tokenizer, model = self._load()
-        batch = self._tokenize(tokenizer, clean)
+        batch = self._inputs(tokenizer, clean, ready)
         mask = batch["attention_mask"].astype(bool)
         tokens = np.empty((*mask.shape, self.dim), dtype=np.float32)
         for start in range(0, len(clean), self.batch_size):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import importlib.resources
+import itertools
 import json
 import os
 import threading
@@ -177,13 +178,8 @@ class Selection(np.ndarray):
 
 # Vectors are stored as float16: half the bytes of float32 on disk and through the writer, and
 # scores move by about 1e-4 (cosine of unit vectors), well inside what the fp16 GPU models
-# already allow. The in-memory indexes get the same rounded values (`as_stored`).
+# already allow. The engine gives its in-memory indexes the same rounded values.
 VECTOR_DTYPE = np.dtype("<f2")
-
-
-def as_stored(vectors: np.ndarray) -> np.ndarray:
-    """The float32 values of vectors as the store keeps them: what a rebuilt index holds."""
-    return np.asarray(vectors, dtype=np.float32).astype(VECTOR_DTYPE).astype(np.float32)
 
 
 def _as_blob(vector: np.ndarray) -> bytes:
@@ -217,6 +213,7 @@ def _insert_faces_sqlite(
     first = int(conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM faces").scalar() or 0) + 1
     ids = list(range(first, first + len(faces)))
     now = as_time(datetime.now(timezone.utc))
+    null, empty = as_json(None), as_json({})  # most faces' box and metadata, encoded once
     _insert_rows(
         conn,
         f"INSERT INTO faces ({_FACE_COLUMNS}) VALUES ",
@@ -228,11 +225,11 @@ def _insert_faces_sqlite(
                 f.content_hash,
                 f.face_index,
                 f.n_faces,
-                as_json(f.box),
+                null if f.box is None else as_json(f.box),
                 f.det_score,
                 f.crop,
                 f.caption,
-                as_json(dict(f.meta)),
+                as_json(dict(f.meta)) if f.meta else empty,
                 generation,
                 now,
             )
@@ -240,11 +237,20 @@ def _insert_faces_sqlite(
         ],
     )
     _insert_rows(
-        conn,
-        "INSERT INTO vectors (face_id, space, vector) VALUES ",
-        [(i, k, _as_blob(v)) for i, f in zip(ids, faces) for k, v in f.vectors.items()],
+        conn, "INSERT INTO vectors (face_id, space, vector) VALUES ", _vector_rows(ids, faces)
     )
     return ids
+
+
+def _vector_rows(ids: Sequence[int], faces: Sequence[NewFace]) -> list[tuple[int, str, bytes]]:
+    """(face_id, space, blob) rows, each space's vectors converted in one go, not row by row."""
+    rows: list[tuple[int, str, bytes]] = []
+    for space in dict.fromkeys(k for f in faces for k in f.vectors):
+        have = [(i, f.vectors[space]) for i, f in zip(ids, faces) if space in f.vectors]
+        data = np.stack([v for _, v in have]).astype(VECTOR_DTYPE, copy=False)
+        raw, width = data.tobytes(), data.shape[1] * VECTOR_DTYPE.itemsize
+        rows += [(i, space, raw[n * width : (n + 1) * width]) for n, (i, _) in enumerate(have)]
+    return rows
 
 
 def _insert_rows(conn: Any, head: str, rows: list[tuple[Any, ...]]) -> None:
@@ -260,7 +266,7 @@ def _insert_rows(conn: Any, head: str, rows: list[tuple[Any, ...]]) -> None:
     for at in range(0, len(rows), per):
         chunk = rows[at : at + per]
         values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
-        conn.exec_driver_sql(head + values, tuple(v for row in chunk for v in row))
+        conn.exec_driver_sql(head + values, tuple(itertools.chain.from_iterable(chunk)))
 
 
 class Store:
