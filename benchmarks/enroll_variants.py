@@ -79,9 +79,12 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
             rng = np.random.default_rng(0)
             fixed.clear()
             fixed.update(
-                {k: rng.standard_normal((len(crops), d), np.float32) for k, d in dims.items()}
+                {
+                    k: rng.standard_normal((len(crops), d)).astype(np.float16)
+                    for k, d in dims.items()
+                }
             )
-        return dict(fixed), None
+        return lambda: dict(fixed)
 
     issued = [0]
 
@@ -106,7 +109,7 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "new": [],
         "no-arena": [(images.Arena, "put", lambda self, slot, image: False)],
         "threads-decode": [(engine, "_decode_processes", lambda workers, arena: None)],
-        "stub models": [(engine.SearchEngine, "_embed", stub_embed)],
+        "stub models": [(engine.SearchEngine, "_embed_later", stub_embed)],
         "stub store": [(store.Store, "add_faces", stub_add)],
         "4k-pages": [(store, "_sqlite_pragmas", pragmas_4k)],
         "writer checkpoints": [(store.Store, "checkpoints_aside", contextlib.nullcontext)],

@@ -115,6 +115,11 @@ def test_fused_and_aligned_match_cpu(packs, crops) -> None:
     ahead, _ = gpu.embed(crops, captions, gpu.tokenize(captions + ["another caption"]))
     for space, vectors in got.items():  # captions tokenised ahead, as GPU enrollment does
         np.testing.assert_array_equal(ahead[space], vectors, err_msg=space)
+    later = gpu.embed_later(crops, captions, gpu.tokenize(captions))()  # float16, not waited for
+    assert set(later) == set(got)
+    for space, vectors in got.items():
+        assert later[space].dtype == np.float16, space
+        assert np.abs(later[space].astype(np.float32) - vectors).max() <= 1e-3, space
     texts = ["a man with a moustache", "an old woman"]
     assert (1 - _cosines(gpu.caption_vectors(texts), cpu.caption_vectors(texts))).max() <= (
         COSINE_TOL

@@ -42,7 +42,7 @@ from tgfr_search.index import (
     open_vectors,
 )
 from tgfr_search.store import FaceInfo, NewFace, Store, sqlite_url
-from tgfr_search.store.store import DELETE_GENERATION, VECTOR_DTYPE
+from tgfr_search.store.store import DELETE_GENERATION
 
 DEFAULT_DB = "./tgfr-db"
 MODES = ("auto", "image", "fused", "refine", "text")
@@ -358,7 +358,8 @@ class _Staged:
     crops: list[np.ndarray]
     todo: list[int]  # the faces whose crops `pngs` encode, in order
     pngs: list[Future[list[bytes]]]
-    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    vectors: Callable[[], dict[str, np.ndarray]] | None = None
+    """The batch's float16 vectors by space, maybe still on their way back from the GPU."""
 
 
 def _half(vectors: np.ndarray) -> np.ndarray:
@@ -366,7 +367,7 @@ def _half(vectors: np.ndarray) -> np.ndarray:
     import torch
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    return torch.from_numpy(x).to(torch.float16).numpy().view(VECTOR_DTYPE)
+    return torch.from_numpy(x).half().numpy()
 
 
 class _SpaceIndex:
@@ -860,11 +861,21 @@ class SearchEngine:
         return _Staged(faces, crops, todo, futures)
 
     def _embed_batch(self, staged: _Staged | None, ready: Any = None) -> None:
-        """The batch's vectors in every space this engine keeps."""
+        """The batch's vectors in every space this engine keeps; on a GPU, without waiting."""
         if staged is None:
             return
-        staged.vectors, _ = self._embed(staged.crops, [f.caption for f in staged.faces], ready)
+        staged.vectors = self._embed_later(staged.crops, [f.caption for f in staged.faces], ready)
         staged.crops = []
+
+    def _embed_later(
+        self, crops: list[np.ndarray], captions: list[str | None], ready: Any = None
+    ) -> Callable[[], dict[str, np.ndarray]]:
+        """`_embed`'s vectors as the store's float16; call the result to wait for them."""
+        runtime = self.tgfr
+        if runtime is not None:
+            return runtime.embed_later(crops, captions, ready)
+        vectors = {FACE: _half(self.models.face.embed(crops))}
+        return lambda: vectors
 
     def _commit_batch(self, staged: _Staged | None, report: EnrollReport) -> None:
         """One transaction for an embedded batch; its vectors go straight into the indexes."""
@@ -876,7 +887,8 @@ class SearchEngine:
         ):
             faces[j].crop = png
         # float16, as the store keeps them: the indexes get what a rebuild would read back.
-        stored = {space: _half(v) for space, v in staged.vectors.items()}
+        assert staged.vectors is not None
+        stored = staged.vectors()
         for i, f in enumerate(faces):
             f.vectors = {space: v[i] for space, v in stored.items()}
         ids = self.store.add_faces(faces)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,28 +168,61 @@ class TGFRRuntime:
         self, crops: Sequence[np.ndarray], captions: Sequence[str | None], ready: Any = None
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """`embed` on the GPU: one copy back per space, the region map only where used."""
+        out, norms = self._on_device(crops, captions, ready)
+        return {k: v.cpu().numpy() for k, v in out.items()}, norms.cpu().numpy()
+
+    def _on_device(
+        self, crops: Sequence[np.ndarray], captions: Sequence[str | None], ready: Any
+    ) -> tuple[dict[str, Any], Any]:
+        """The vectors of every space and the norms as tensors on the GPU, maybe not done yet.
+
+        The captions go first: MiniLM waits for the GPU (transformers checks its padding
+        mask), so the recogniser's batch is queued after it and runs while the caller goes on.
+        """
         t = self._torch
-        needs = self.model.config.needs_regions
-        globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=needs)
         texts = _texts(captions)
         distinct = sorted(set(texts))
         pos = {x: i for i, x in enumerate(distinct)}
         text_parts = self._text_parts(distinct, ready)
+        needs = self.model.config.needs_regions
+        globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=needs)
         with t.inference_mode():
             image = self.model.encode_image(globals_, norms, regions)
             where = t.tensor([pos[x] for x in texts], device=self.device)
             text = {k: v[where] for k, v in text_parts.items()}
             has_text = t.tensor([bool(x) for x in texts], device=self.device)
             fused = self.model.fuse(image, text, has_text=has_text)
-            caption = text["sentence"] * has_text[:, None].to(text["sentence"].dtype)
-            out = {
-                "face": globals_.cpu().numpy(),
-                FUSED: fused.cpu().numpy(),
-                ALIGNED: image["global"].cpu().numpy(),
-            }
+            out = {"face": globals_, FUSED: fused, ALIGNED: image["global"]}
             if CAPTION in self.dims:
-                out[CAPTION] = caption.cpu().numpy()
-            return out, norms.cpu().numpy()
+                out[CAPTION] = text["sentence"] * has_text[:, None].to(text["sentence"].dtype)
+            return out, norms
+
+    def embed_later(
+        self, crops: Sequence[np.ndarray], captions: Sequence[str | None], ready: Any = None
+    ) -> Callable[[], dict[str, np.ndarray]]:
+        """`embed`'s vectors rounded to float16 (as the store keeps them), without waiting.
+
+        On a GPU the work and the copies back are queued and this returns at once; calling the
+        result (from any thread) waits for this batch alone. Enrollment prepares the next batch
+        meanwhile. On the CPU the vectors are computed before it returns.
+        """
+        t = self._torch
+        if self.device == "cpu":
+            vectors, _ = self.embed(crops, captions, ready)
+            half = {k: t.from_numpy(v).half().numpy() for k, v in vectors.items()}
+            return lambda: half
+        out, _ = self._on_device(crops, captions, ready)
+        with t.inference_mode():
+            # Non-blocking copies to the host land in pinned memory; the event marks them done.
+            host = {k: v.half().to("cpu", non_blocking=True) for k, v in out.items()}
+            done = t.cuda.Event()
+            done.record()
+
+        def result() -> dict[str, np.ndarray]:
+            done.synchronize()
+            return {k: v.numpy() for k, v in host.items()}
+
+        return result
 
     def caption_vectors(self, captions: Sequence[str]) -> np.ndarray:
         """Captions in the aligned space: their inner product with a face's aligned vector."""
