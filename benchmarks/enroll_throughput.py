@@ -42,6 +42,7 @@ import importlib.util
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,9 @@ def commented_copies(files: list[Path], copies: int, folder: Path) -> list[tuple
 
 
 @contextlib.contextmanager
-def _timed_stages(spent: dict[str, float]) -> Any:
-    """Add each stage's wall seconds (summed over threads) to `spent` while inside."""
+def _timed_stages(spent: dict[str, float], events: list[tuple[Any, ...]] | None = None) -> Any:
+    """Add each stage's wall seconds (summed over threads) to `spent` while inside, and each
+    call as (label, thread, start, seconds) to `events` (start: perf_counter seconds)."""
     from tgfr_search import engine as eng
     from tgfr_search.store import store
 
@@ -213,7 +215,10 @@ def _timed_stages(spent: dict[str, float]) -> Any:
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                spent[label] = spent.get(label, 0.0) + took
+                if events is not None:
+                    events.append((label, threading.current_thread().name, t0, took))
 
         return wrapped
 
@@ -258,8 +263,11 @@ def ours(
                 load = time.perf_counter() - t0
             items = items_fn()
             spent: dict[str, float] = {}
+            events: list[tuple[Any, ...]] = []
             timed = (
-                _timed_stages(spent) if stages and r == repeats - 1 else contextlib.nullcontext()
+                _timed_stages(spent, events)
+                if stages and r == repeats - 1
+                else contextlib.nullcontext()
             )
             with timed:
                 t0 = time.perf_counter()
@@ -280,6 +288,11 @@ def ours(
             }
             if spent:
                 checks["stage_seconds"] = {k: round(v, 3) for k, v in spent.items()}
+                # Each timed call of the run: (stage, thread, ms from the start, ms taken).
+                checks["timeline"] = [
+                    (label, thread, round(1e3 * (start - t0), 1), round(1e3 * took, 1))
+                    for label, thread, start, took in events
+                ]
     return {
         "rate": statistics.median(rates),
         "rates": [round(x, 1) for x in rates],

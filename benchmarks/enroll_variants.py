@@ -10,6 +10,7 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
 * `stub models`: the models replaced by fixed vectors (what the rest of the pipeline allows).
 * `stub store`: the store's insert replaced by handing out ids (what the rest allows).
 * `4k-pages`: new SQLite files with 4 KB pages, as before 16 KB.
+* `no ramp`: every batch full size, without the smaller first batches.
 * `writer checkpoints`: each commit folds the WAL into the file itself, as before
   `Store.checkpoints_aside` moved that to a thread of its own.
 * `float32 vectors`: vectors stored as float32, as before migration 0002.
@@ -112,6 +113,7 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "stub models": [(engine.SearchEngine, "_embed_later", stub_embed)],
         "stub store": [(store.Store, "add_faces", stub_add)],
         "4k-pages": [(store, "_sqlite_pragmas", pragmas_4k)],
+        "no ramp": [(engine, "_RAMP", 0)],
         "writer checkpoints": [(store.Store, "checkpoints_aside", contextlib.nullcontext)],
         "float32 vectors": [(store, "VECTOR_DTYPE", np.dtype("<f4"))],
         "IN-list duplicates": [(store.Store, "existing", in_list)],

@@ -333,10 +333,10 @@ def test_a_decoding_process_that_dies_stops_the_run_and_keeps_earlier_batches(
         ImageError, match="a decoding process died .* batches before them are stored"
     ):
         engine.enroll_many(items, aligned=True, batch_size=4)
-    # The batches before the poisoned one: all three, or two when the worker died while the
-    # third was still decoding (its tasks fail with the pool).
+    # Batches of 1, 2, 4, 4 (the ramp), then 4 with the poisoned file: those before it, all
+    # four, or three when the worker died while the fourth was still decoding.
     stored = engine.info()["faces"]
-    assert stored in (8, 12)
+    assert stored in (7, 11)
     monkeypatch.undo()
     again = engine.enroll_many(items, aligned=True, batch_size=4)
     assert again.enrolled == len(files) - stored and len(again.duplicates) == stored
@@ -463,3 +463,9 @@ def test_text_mode_reads_gallery_captions_when_the_model_weights_them(
     assert engine.info()["spaces"] == ["face", "fused", "aligned", "caption"]
     text = engine.query(caption="person number 4", mode="text", k=3)
     assert text.mode == "text" and text[0].identity == names[4]  # its own caption, word for word
+
+
+def test_gpu_batches_ramp_up_to_the_batch_size() -> None:
+    sizes = [len(c) for c in engine_module._chunks(range(30), 8, ramp=3)]
+    assert sizes == [1, 2, 4, 8, 8, 7]
+    assert [len(c) for c in engine_module._chunks(range(9), 4)] == [4, 4, 1]

@@ -262,13 +262,20 @@ def _wait_for(
             progress(writing[1])
 
 
-def _chunks(items: Iterable[EnrollItem], size: int) -> Iterator[list[EnrollItem]]:
+# GPU enrollment's first batches are 1/8, 1/4 and 1/2 of the batch size: the writer starts
+# after a small batch, not after a whole one has been decoded and embedded.
+_RAMP = 3
+
+
+def _chunks(items: Iterable[EnrollItem], size: int, ramp: int = 0) -> Iterator[list[EnrollItem]]:
+    """Batches of `size` items, the first `ramp` of them 2**ramp, ..., 2 times smaller."""
     chunk: list[EnrollItem] = []
+    want = max(1, size >> ramp)
     for item in items:
         chunk.append(item)
-        if len(chunk) == size:
+        if len(chunk) == want:
             yield chunk
-            chunk = []
+            chunk, want = [], min(size, 2 * want)
     if chunk:
         yield chunk
 
@@ -730,15 +737,15 @@ class SearchEngine:
         keep = _KEEP_FILE_BYTES if aligned else 0
         with ExitStack() as stack:
             stack.enter_context(self._write_lock())
-            threads = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+            threads = stack.enter_context(ThreadPoolExecutor(workers, "tgfr-pool"))
             # PNG crops and commits: alongside the models on a GPU, one after them on a CPU.
             writer: Executor = _Inline()
             pngs: Executor = writer
             if on_gpu:
                 stack.enter_context(self.store.checkpoints_aside())
-                writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+                writer = stack.enter_context(ThreadPoolExecutor(1, "tgfr-writer"))
                 pngs = threads
-            chunks = _chunks(items, batch_size)
+            chunks = _chunks(items, batch_size, _RAMP if on_gpu else 0)
             first, second = next(chunks, []), next(chunks, [])
             processes, arena = None, None
             if on_gpu and second:  # a run of one batch starts no processes
