@@ -466,6 +466,8 @@ def test_text_mode_reads_gallery_captions_when_the_model_weights_them(
 
 
 def test_gpu_batches_ramp_up_to_the_batch_size() -> None:
+    import tgfr_search.engine as engine_module
+
     sizes = [len(c) for c in engine_module._chunks(range(30), 8, ramp=3)]
     assert sizes == [1, 2, 4, 8, 8, 7]
     assert [len(c) for c in engine_module._chunks(range(9), 4)] == [4, 4, 1]
