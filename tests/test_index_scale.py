@@ -153,8 +153,6 @@ def test_torch_index_is_exact_against_numpy_on_cpu(faces, tmp_path: Path) -> Non
     x, ids = x[:6000], ids[:6000]
     one = TorchIndex(512, devices=["cpu"], dtype=torch.float32)
     two = TorchIndex(512, devices=["cpu", "cpu"], dtype=torch.float32, chunk_rows=1000)
-    two.reserve(6000)  # room made ahead: the adds below allocate nothing
-    where = [s.data.data_ptr() for s in two._shards]
     for index in (one, two):
         index.add(ids[:2500], x[:2500])
         index.add(ids[2500:], x[2500:])
@@ -164,7 +162,6 @@ def test_torch_index_is_exact_against_numpy_on_cpu(faces, tmp_path: Path) -> Non
         sub = ids[::7]
         np.testing.assert_array_equal(index.search(q, K, subset=sub)[1], brute(x[::7], sub, q))
     assert [s.n for s in two._shards] == [3000, 3000]
-    assert [s.data.data_ptr() for s in two._shards] == where
     two.remove(ids[:100])
     assert len(two) == 5900 and not np.isin(two.search(q, 50)[1], ids[:100]).any()
     two.save(tmp_path / "t.faiss")

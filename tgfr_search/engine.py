@@ -10,7 +10,7 @@ import json
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
@@ -490,13 +490,6 @@ class _SpaceIndex:
         ids, vecs = self.store.vectors(self.space, dim=self.dim, up_to=generation)
         self.index = build_index(self.dim, ids, vecs)
 
-    def reserve(self, more: int) -> None:
-        """Room for `more` vectors ahead of an enrollment, where the index can make it."""
-        with self._lock:
-            reserve = getattr(self._sync(), "reserve", None)  # the torch index has it
-            if reserve is not None:
-                reserve(more)
-
     def committed(self) -> None:
         """Nothing to publish: other processes catch up from the store on their own."""
 
@@ -784,10 +777,7 @@ class SearchEngine:
                 if processes is not None:
                     stack.enter_context(processes)
             for space in self._spaces():  # read the saved indexes before this run adds faces
-                index = self._index(space)
-                index.sync()
-                if on_gpu and isinstance(items, Sized) and hasattr(index, "reserve"):
-                    index.reserve(len(items))
+                self._index(space).sync()
             # On a GPU the next batch's captions are tokenised in the pool meanwhile.
             tokenize = getattr(self.tgfr, "tokenize", None) if on_gpu else None
             pending: list[_Task] = []

@@ -89,18 +89,17 @@ class _Shard:
     def ids(self) -> np.ndarray:
         return self._ids[: self.n]
 
-    def reserve(self, rows: int) -> None:
-        """Room for `rows` rows in all, so appends up to there allocate nothing."""
-        if rows > self.data.shape[0]:
-            grown = _torch().empty((rows, self.data.shape[1]), dtype=self.dtype, device=self.device)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-
     def append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         torch = _torch()
         need = self.n + len(ids)
         if need > self.data.shape[0]:
-            self.reserve(max(need, 2 * self.data.shape[0]))
+            grown = torch.empty(
+                (max(need, 2 * self.data.shape[0]), self.data.shape[1]),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
         if isinstance(vectors, torch.Tensor):
             rows = vectors
         else:  # torch refuses to wrap a read-only array (e.g. a view of a faiss index)
@@ -174,16 +173,6 @@ class TorchIndex:
 
     def __len__(self) -> int:
         return sum(s.n for s in self._shards)
-
-    def reserve(self, more: int) -> None:
-        """Room for `more` rows beyond those held, spread as `add` spreads them.
-
-        Growing a shard mid-run allocates GPU memory while other threads queue work on the
-        same GPU; enrollment reserves the room for a whole run before it starts.
-        """
-        per = -(-(len(self) + more) // len(self._shards))
-        for shard in self._shards:
-            shard.reserve(per)
 
     def add(self, ids: np.ndarray, vectors: Any) -> None:
         """Add rows (a numpy array, or a torch tensor on any device) under int64 ids."""
