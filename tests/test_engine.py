@@ -471,22 +471,3 @@ def test_gpu_batches_ramp_up_to_the_batch_size() -> None:
     sizes = [len(c) for c in engine_module._chunks(range(30), 8, ramp=3)]
     assert sizes == [1, 2, 4, 8, 8, 7]
     assert [len(c) for c in engine_module._chunks(range(9), 4)] == [4, 4, 1]
-
-
-def test_enrollment_freezes_older_objects_for_the_collector_and_thaws_them() -> None:
-    import gc
-
-    import tgfr_search.engine as engine_module
-
-    seen = []
-    with engine_module._gc_frozen():
-        seen.append(gc.get_freeze_count())
-    assert seen[0] > 0 and gc.get_freeze_count() == 0
-    gc.freeze()  # a caller that froze its own objects keeps them frozen
-    try:
-        before = gc.get_freeze_count()
-        with engine_module._gc_frozen():
-            pass
-        assert gc.get_freeze_count() == before
-    finally:
-        gc.unfreeze()

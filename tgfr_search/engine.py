@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import gc
 import itertools
 import json
 import multiprocessing
@@ -261,24 +260,6 @@ def _wait_for(
         writing[0].result()
         if progress:
             progress(writing[1])
-
-
-@contextmanager
-def _gc_frozen() -> Iterator[None]:
-    """Garbage collections skip the objects that existed before (the models, the caller's).
-
-    A full collection walks every object of the process with the GIL held: with the models
-    and a list of a few 100k items loaded, that stalled GPU enrollment for ~0.4 s twice a run.
-    A process that froze objects itself (`gc.freeze()`) is left as it is.
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 # GPU enrollment's first batches are 1/8, 1/4 and 1/2 of the batch size: the writer starts
@@ -756,7 +737,6 @@ class SearchEngine:
         keep = _KEEP_FILE_BYTES if aligned else 0
         with ExitStack() as stack:
             stack.enter_context(self._write_lock())
-            stack.enter_context(_gc_frozen())
             threads = stack.enter_context(ThreadPoolExecutor(workers, "tgfr-pool"))
             # PNG crops and commits: alongside the models on a GPU, one after them on a CPU.
             writer: Executor = _Inline()
