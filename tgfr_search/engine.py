@@ -791,16 +791,13 @@ class SearchEngine:
         return report
 
     def _embed(
-        self, crops: list[np.ndarray], captions: list[str | None], ready: Any = None
+        self, crops: list[np.ndarray], captions: list[str | None]
     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Vectors of every space this engine keeps, and the ArcFace norms when known.
-
-        `ready`: the captions tokenised ahead (`TGFRRuntime.tokenize`).
-        """
+        """Vectors of every space this engine keeps, and the ArcFace norms when known."""
         runtime = self.tgfr
         if runtime is None:
             return {FACE: self.models.face.embed(crops)}, None
-        return runtime.embed(crops, captions, ready)
+        return runtime.embed(crops, captions)
 
     def _save_indexes(self, pool: Executor | None = None) -> None:
         """Write each space's index file; in `pool`, side by side (their writes and fsyncs)."""
@@ -877,7 +874,10 @@ class SearchEngine:
     def _embed_later(
         self, crops: list[np.ndarray], captions: list[str | None], ready: Any = None
     ) -> Callable[[], dict[str, np.ndarray]]:
-        """`_embed`'s vectors as the store's float16; call the result to wait for them."""
+        """`_embed`'s vectors as the store's float16; call the result to wait for them.
+
+        `ready`: the captions tokenised ahead (`TGFRRuntime.tokenize`).
+        """
         runtime = self.tgfr
         if runtime is not None:
             return runtime.embed_later(crops, captions, ready)
