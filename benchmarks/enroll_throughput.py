@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import resource
 import statistics
 import sys
 import tempfile
@@ -187,10 +188,28 @@ def commented_copies(files: list[Path], copies: int, folder: Path) -> list[tuple
     return out
 
 
+def _faults() -> int:
+    """Minor page faults of the calling thread so far (of the process where Linux has none)."""
+    who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+    return resource.getrusage(who).ru_minflt
+
+
+def _vmstat() -> dict[str, int]:
+    """The kernel's dirty-page and writeback counters (Linux), to see writeback around a run."""
+    keys = ("nr_dirty", "nr_writeback", "pgmajfault", "pgfault")
+    try:
+        with open("/proc/vmstat") as f:
+            pairs = (line.split() for line in f)
+            return {k: int(v) for k, v in pairs if k in keys}
+    except OSError:
+        return {}
+
+
 @contextlib.contextmanager
 def _timed_stages(spent: dict[str, float], events: list[tuple[Any, ...]] | None = None) -> Any:
     """Add each stage's wall seconds (summed over threads) to `spent` while inside, and each
-    call as (label, thread, start, seconds) to `events` (start: perf_counter seconds)."""
+    call as (label, thread, start, seconds, minor page faults of its thread) to `events`
+    (start: perf_counter seconds)."""
     from tgfr_search import engine as eng
     from tgfr_search.store import store
 
@@ -211,14 +230,15 @@ def _timed_stages(spent: dict[str, float], events: list[tuple[Any, ...]] | None 
 
     def timer(fn: Any, label: str) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), _faults()
             try:
                 return fn(*args, **kwargs)
             finally:
                 took = time.perf_counter() - t0
                 spent[label] = spent.get(label, 0.0) + took
                 if events is not None:
-                    events.append((label, threading.current_thread().name, t0, took))
+                    thread = threading.current_thread().name
+                    events.append((label, thread, t0, took, _faults() - f0))
 
         return wrapped
 
@@ -270,9 +290,10 @@ def ours(
                 else contextlib.nullcontext()
             )
             with timed:
-                t0 = time.perf_counter()
+                vm0, t0 = _vmstat(), time.perf_counter()
                 report = engine.enroll_many(items, aligned=aligned, batch_size=batch_size)
                 seconds = time.perf_counter() - t0
+                vm1 = _vmstat()
             rates.append(report.enrolled / seconds)
             faces, identities = engine.store.counts()
             spaces = engine.info()["spaces"]
@@ -288,11 +309,13 @@ def ours(
             }
             if spent:
                 checks["stage_seconds"] = {k: round(v, 3) for k, v in spent.items()}
-                # Each timed call of the run: (stage, thread, ms from the start, ms taken).
+                # Each timed call of the run: (stage, thread, ms from the start, ms taken, minor
+                # page faults of that thread meanwhile); the kernel's counters before and after.
                 checks["timeline"] = [
-                    (label, thread, round(1e3 * (start - t0), 1), round(1e3 * took, 1))
-                    for label, thread, start, took in events
+                    (label, thread, round(1e3 * (start - t0), 1), round(1e3 * took, 1), faults)
+                    for label, thread, start, took, faults in events
                 ]
+                checks["vmstat"] = {"before": vm0, "after": vm1}
     return {
         "rate": statistics.median(rates),
         "rates": [round(x, 1) for x in rates],
