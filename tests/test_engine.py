@@ -212,6 +212,22 @@ def test_aligned_crops_skip_detection(make_engine, lfw: Path) -> None:
     assert engine.query(probe, aligned=True, k=1)[0].identity == people[2].name
 
 
+def _both_ways(make_engine, monkeypatch: pytest.MonkeyPatch, enroll, **patches):
+    """(name, engine, what `enroll(engine)` returned) for a sequential run and one forced
+    through the GPU pipeline on this CPU, with `patches` to the engine module for the latter."""
+    import tgfr_search.engine as engine_module
+
+    for name in ("sequential", "overlapped"):
+        engine = make_engine(name)
+        with monkeypatch.context() as m:
+            if name == "overlapped":
+                m.setattr(engine_module, "_overlaps", lambda models: True)
+                for attr, value in patches.items():
+                    m.setattr(engine_module, attr, value)
+            got = enroll(engine)
+        yield name, engine, got
+
+
 @pytest.mark.stores("faiss")
 def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
     make_engine, lfw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -244,21 +260,21 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
         started.append(start(workers, arena))
         return started[-1]
 
+    def enroll(engine):
+        done = []
+        report = engine.enroll_many(items, aligned=True, batch_size=4, progress=done.append)
+        return report, sum(done)
+
     runs = {}
-    for name in ("sequential", "overlapped"):
-        engine = make_engine(name)
-        with monkeypatch.context() as m:
-            if name == "overlapped":
-                m.setattr(engine_module, "_overlaps", lambda models: True)
-                m.setattr(engine_module, "_decode_processes", processes)
-            done = []
-            report = engine.enroll_many(items, aligned=True, batch_size=4, progress=done.append)
+    for name, engine, (report, done) in _both_ways(
+        make_engine, monkeypatch, enroll, _decode_processes=processes
+    ):
         ids = sorted(report.face_ids)
         runs[name] = (
             report.enrolled,
             sorted((s.source, s.reason) for s in report.skipped),
             report.duplicates,
-            sum(done),
+            done,
             engine.store.crops_of(ids),
             {i: (f.identity, f.caption) for i, f in engine.store.face_info(ids).items()},
             {
@@ -282,18 +298,13 @@ def test_the_gpu_pipeline_enrolls_raw_photos_as_the_sequential_one_does(
     make_engine, ten, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Raw photos are larger than an arena slot: their pixels come back through the pipe."""
-    import tgfr_search.engine as engine_module
-
     items = [
         EnrollItem(p, name, caption=f"{name}") for name, photos in ten.items() for p in photos[:2]
     ]
     runs = {}
-    for name in ("sequential", "overlapped"):
-        engine = make_engine(name)
-        with monkeypatch.context() as m:
-            if name == "overlapped":
-                m.setattr(engine_module, "_overlaps", lambda models: True)
-            report = engine.enroll_many(items, batch_size=4)
+    for name, engine, report in _both_ways(
+        make_engine, monkeypatch, lambda engine: engine.enroll_many(items, batch_size=4)
+    ):
         ids = sorted(report.face_ids)
         runs[name] = (
             report.enrolled,
