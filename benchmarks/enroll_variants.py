@@ -16,6 +16,8 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
 * `float32 vectors`: vectors stored as float32, as before migration 0002.
 * `IN-list duplicates`: the duplicate check as an IN list of bound hashes, as before.
 * `N workers`: N decoding processes.
+* `no save`: the index files not written at the end of the run (what saving them costs).
+* `gc off`: the garbage collector off during the run (whether its collections stall it).
 
 Variants combine with `+`: `stub models+writer checkpoints` is the pipeline without the models,
 the writer checkpointing as before.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import statistics
 import sys
 import tempfile
@@ -106,6 +109,15 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
             ).all()
         return {(h, i) for h, i in rows}
 
+    enroll_many = engine.SearchEngine.enroll_many
+
+    def gc_off(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gc.disable()
+        try:
+            return enroll_many(self, *args, **kwargs)
+        finally:
+            gc.enable()
+
     out: dict[str, list[tuple[Any, str, Any]]] = {
         "new": [],
         "no-arena": [(images.Arena, "put", lambda self, slot, image: False)],
@@ -117,6 +129,8 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "writer checkpoints": [(store.Store, "checkpoints_aside", contextlib.nullcontext)],
         "float32 vectors": [(store, "VECTOR_DTYPE", np.dtype("<f4"))],
         "IN-list duplicates": [(store.Store, "existing", in_list)],
+        "no save": [(engine.SearchEngine, "_save_indexes", lambda self, pool=None: None)],
+        "gc off": [(engine.SearchEngine, "enroll_many", gc_off)],
     }
     for n in (4, 6, 12, 16):
         out[f"{n} workers"] = [(engine, "_workers", lambda n=n: n)]

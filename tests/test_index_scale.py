@@ -172,6 +172,35 @@ def test_torch_index_is_exact_against_numpy_on_cpu(faces, tmp_path: Path) -> Non
     np.testing.assert_array_equal(back.search(q, K)[1], two.search(q, K)[1])
 
 
+def test_torch_fp16_file_holds_the_rows_bytes(faces, tmp_path: Path) -> None:
+    """An fp16 TorchIndex (as on CUDA) saves its rows as they are, in half the bytes, and the
+    file opens as either exact index with the same vectors and ids."""
+    torch = pytest.importorskip("torch")
+    from tgfr_search.index import TorchIndex
+    from tgfr_search.index.faiss_index import read_exact
+
+    x, ids, q = faces
+    x16, ids = x[:3000].astype(np.float16), ids[:3000]
+    half = TorchIndex(512, devices=["cpu", "cpu"], dtype=torch.float16)
+    half.add(ids, x16)
+    half.save(tmp_path / "h.faiss")
+    dim, got_ids, got = read_exact(tmp_path / "h.faiss")
+    assert dim == 512 and got.dtype == np.float16
+    order = np.argsort(got_ids)
+    np.testing.assert_array_equal(got_ids[order], np.sort(ids))
+    np.testing.assert_array_equal(got[order], x16[np.argsort(ids)])
+    full = TorchIndex(512, devices=["cpu"], dtype=torch.float32)
+    full.add(ids, x16)
+    full.save(tmp_path / "f.faiss")
+    assert (tmp_path / "h.faiss").stat().st_size < 0.55 * (tmp_path / "f.faiss").stat().st_size
+    flat = load_index(tmp_path / "h.faiss", use_gpu=False)
+    assert isinstance(flat, FaissFlatIndex) and len(flat) == 3000
+    want = brute(x16.astype(np.float32), ids, q)
+    np.testing.assert_array_equal(flat.search(q, K)[1], want)
+    back = TorchIndex.load(tmp_path / "h.faiss", devices=["cpu"], dtype=torch.float32)
+    np.testing.assert_array_equal(back.search(q, K)[1], want)
+
+
 @pytest.mark.gpu
 def test_torch_fp16_on_cuda_matches_fp32(faces) -> None:
     torch = pytest.importorskip("torch")

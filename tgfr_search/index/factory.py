@@ -31,6 +31,7 @@ from tgfr_search.index.faiss_index import (
     _faiss,
     default_nlist,
     gpu_count,
+    is_exact,
 )
 
 KINDS = ("auto", "flat", "pq", "hnsw", "ivf", "torch")
@@ -144,12 +145,14 @@ def load_index(path: Path, *, use_gpu: bool | None = None, **params: Any) -> Vec
         return FaissHNSWIndex(index.d, index=index, use_gpu=use_gpu, **params)
     if isinstance(inner, faiss.IndexRefine):
         return FaissPQIndex(index.d, index=index, use_gpu=use_gpu, **params)
-    if isinstance(inner, faiss.IndexFlat):
+    if is_exact(index):  # float32 flat, or the fp16 file a TorchIndex on CUDA writes
         if hardware(use_gpu) == "torch-cuda":
             from tgfr_search.index.torch_index import TorchIndex
 
             return TorchIndex.load(path, **params)
-        return FaissFlatIndex(index.d, index=index, use_gpu=use_gpu, **params)
+        if isinstance(inner, faiss.IndexFlat):
+            return FaissFlatIndex(index.d, index=index, use_gpu=use_gpu, **params)
+        return FaissFlatIndex.load(path, use_gpu=use_gpu)
     if isinstance(index, faiss.IndexIVF):
         return FaissIVFIndex(index.d, index=index, use_gpu=use_gpu, **params)
     raise ValueError(f"{path}: unsupported faiss index type {type(index).__name__}")

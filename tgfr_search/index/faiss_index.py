@@ -12,7 +12,7 @@ here had faiss-gpu to run it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,8 +161,17 @@ class FaissFlatIndex(_FaissIndex):
 
     @classmethod
     def load(cls, path: Path, *, use_gpu: bool | None = None) -> FaissFlatIndex:
-        index = _faiss().read_index(str(path))
-        return cls(index.d, index=index, use_gpu=use_gpu)
+        """Read an exact index file: float32 as it is, fp16 (`write_fp16`) into float32."""
+        faiss = _faiss()
+        index = faiss.read_index(str(path))
+        if hasattr(index, "id_map") and isinstance(
+            faiss.downcast_index(index.index), faiss.IndexFlat
+        ):
+            return cls(index.d, index=index, use_gpu=use_gpu)
+        dim, ids, vectors = read_exact(path, index)
+        flat = cls(dim, use_gpu=use_gpu)
+        flat.add(ids, vectors)
+        return flat
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
@@ -200,6 +209,48 @@ class FaissFlatIndex(_FaissIndex):
             sel = faiss.IDSelectorBatch(_ids64(subset))
             scores, ids = self._cpu.search(q, k, params=faiss.SearchParameters(sel=sel))
         return scores, ids
+
+
+def is_exact(index: Any) -> bool:
+    """Whether a faiss index read from a file is one `read_exact` takes."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else None
+    if inner is None or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return False
+    return isinstance(inner, faiss.IndexFlat) or (
+        isinstance(inner, faiss.IndexScalarQuantizer)
+        and inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    )
+
+
+def read_exact(path: Path, index: Any = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """(dim, ids, vectors) of a saved exact index (`index`: the file, already read).
+
+    Exact indexes are saved as `IndexIDMap2` over `IndexFlatIP` (float32 vectors) or over an
+    fp16 `IndexScalarQuantizer` (what `TorchIndex` holds on CUDA: half the bytes, and the same
+    values, as the store keeps float16 too); the vectors come back as float32 or float16.
+    """
+    faiss = _faiss()
+    if index is None:
+        index = faiss.read_index(str(path))
+    if not is_exact(index):
+        raise ValueError(f"{path}: not an exact (flat) index file")
+    inner = faiss.downcast_index(index.index)
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    dtype = np.float32 if isinstance(inner, faiss.IndexFlat) else np.float16
+    codes = faiss.vector_to_array(inner.codes)  # a copy: `index` is freed on return
+    return int(inner.d), ids, codes.view(dtype).reshape(-1, int(inner.d))
+
+
+def write_fp16(path: Path, dim: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Save (ids, float16 vectors) blocks as an exact fp16 index file, atomically."""
+    faiss = _faiss()
+    sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIDMap2(sq)
+    for ids, vectors in blocks:
+        codes = np.ascontiguousarray(vectors, dtype=np.float16).view(np.uint8)
+        index.add_sa_codes(codes, _ids64(ids))  # the fp16 codes are the vectors' own bytes
+    atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
 
 
 def _flat_view(flat: Any) -> np.ndarray:

@@ -7,8 +7,10 @@ chunk keeps its top-k, and the shards' top-k are merged on the host. Kernels lau
 device before any result is copied back, so shards run at the same time. On CPU it runs in
 fp32 (that is how the tests check it against numpy).
 
-Only numpy and torch are needed to search; faiss only to save and load (the file is a faiss
-`IndexIDMap2(IndexFlatIP)`, so a gallery saved here opens in `FaissFlatIndex` and back).
+Only numpy and torch are needed to search; faiss only to save and load. The file is a faiss
+`IndexIDMap2` over an fp16 `IndexScalarQuantizer` on CUDA (the rows' own bytes: half of
+float32, and nothing lost, as the store keeps float16 too) or over `IndexFlatIP` in float32, so
+a gallery saved here opens in `FaissFlatIndex` and back.
 """
 
 from __future__ import annotations
@@ -161,11 +163,11 @@ class TorchIndex:
 
     @classmethod
     def load(cls, path: Path, **kw: Any) -> TorchIndex:
-        from tgfr_search.index.faiss_index import FaissFlatIndex
+        """Read an exact index file (fp16, as `save` writes on CUDA, or float32)."""
+        from tgfr_search.index.faiss_index import read_exact
 
-        flat = FaissFlatIndex.load(path, use_gpu=False)
-        index = cls(flat.dim, **kw)
-        ids, vecs = flat.ids(), flat.vectors()
+        dim, ids, vecs = read_exact(path)
+        index = cls(dim, **kw)
         step = 1 << 20
         for s in range(0, len(ids), step):
             index.add(ids[s : s + step], vecs[s : s + step])
@@ -251,14 +253,22 @@ class TorchIndex:
         return s_all.astype(np.float32), i_all.astype(np.int64)
 
     def save(self, path: Path) -> None:
-        """Write a faiss `IndexIDMap2(IndexFlatIP)` file (fp32), atomically."""
-        from tgfr_search.index.faiss_index import _faiss
+        """Write a faiss `IndexIDMap2` file, atomically: fp16 codes (`IndexScalarQuantizer`)
+        when the rows are fp16, the bytes the devices hold; else `IndexFlatIP` (float32)."""
+        from tgfr_search.index.faiss_index import _faiss, write_fp16
 
+        torch = _torch()
+        step = 1 << 18
+        blocks = (
+            (shard.ids[s : s + step], shard.data[s : min(s + step, shard.n)])
+            for shard in self._shards
+            for s in range(0, shard.n, step)
+        )
+        if self.dtype == torch.float16:
+            write_fp16(path, self.dim, ((ids, rows.cpu().numpy()) for ids, rows in blocks))
+            return
         faiss = _faiss()
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        for shard in self._shards:
-            step = 1 << 18
-            for s in range(0, shard.n, step):
-                block = shard.data[s : min(s + step, shard.n)].float().cpu().numpy()
-                index.add_with_ids(block, shard.ids[s : s + step])
+        for ids, rows in blocks:
+            index.add_with_ids(rows.float().cpu().numpy(), ids)
         atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
