@@ -18,6 +18,9 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
 * `N workers`: N decoding processes.
 * `no save`: the index files not written at the end of the run (what saving them costs).
 * `gc off`: the garbage collector off during the run (whether its collections stall it).
+* `fp32 index files`: the torch index saved as float32 `IndexFlatIP`, as before stop 13.
+* `blocking indices`: the caption indices copied to the GPU after the recogniser is queued,
+  which waits for it, as before stop 13.
 
 Variants combine with `+`: `stub models+writer checkpoints` is the pipeline without the models,
 the writer checkpointing as before.
@@ -118,6 +121,41 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         finally:
             gc.enable()
 
+    from tgfr_search.index import torch_index
+    from tgfr_search.index.base import atomic_write
+    from tgfr_search.index.faiss_index import _faiss
+    from tgfr_search.models import fusion
+
+    def save_fp32(self: Any, path: Any) -> None:
+        faiss = _faiss()
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        for shard in self._shards:
+            for s in range(0, shard.n, 1 << 18):
+                block = shard.data[s : min(s + (1 << 18), shard.n)].float().cpu().numpy()
+                index.add_with_ids(block, shard.ids[s : s + (1 << 18)])
+        atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
+
+    def on_device_blocking(self: Any, crops: Any, captions: Any, ready: Any) -> Any:
+        t = self._torch
+        texts = fusion._texts(captions)
+        distinct = sorted(set(texts))
+        pos = {x: i for i, x in enumerate(distinct)}
+        text_parts = self._text_parts(distinct, ready)
+        needs = self.model.config.needs_regions
+        globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=needs)
+        with t.inference_mode():
+            image = self.model.encode_image(globals_, norms, regions)
+            where = t.tensor([pos[x] for x in texts], device=self.device)
+            text = {k: v[where] for k, v in text_parts.items()}
+            has_text = t.tensor([bool(x) for x in texts], device=self.device)
+            fused = self.model.fuse(image, text, has_text=has_text)
+            out = {"face": globals_, fusion.FUSED: fused, fusion.ALIGNED: image["global"]}
+            if fusion.CAPTION in self.dims:
+                out[fusion.CAPTION] = text["sentence"] * has_text[:, None].to(
+                    text["sentence"].dtype
+                )
+            return out, norms
+
     out: dict[str, list[tuple[Any, str, Any]]] = {
         "new": [],
         "no-arena": [(images.Arena, "put", lambda self, slot, image: False)],
@@ -131,6 +169,8 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "IN-list duplicates": [(store.Store, "existing", in_list)],
         "no save": [(engine.SearchEngine, "_save_indexes", lambda self, pool=None: None)],
         "gc off": [(engine.SearchEngine, "enroll_many", gc_off)],
+        "fp32 index files": [(torch_index.TorchIndex, "save", save_fp32)],
+        "blocking indices": [(fusion.TGFRRuntime, "_on_device", on_device_blocking)],
     }
     for n in (4, 6, 12, 16):
         out[f"{n} workers"] = [(engine, "_workers", lambda n=n: n)]
@@ -174,16 +214,25 @@ def parts(files: list[Path], caps: list[list[str]], device: str, n: int) -> dict
         )
         timed("tokenise the distinct captions", lambda: rt.text._tokenize(tokenizer, distinct))
         timed("text parts (tokenise + MiniLM + text heads)", lambda: rt._text_parts(distinct))
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rt.embed(crops, texts)
-        torch.cuda.set_sync_debug_mode(0)
-        where = collections.Counter(
-            f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
-        )
-        out["sync_points"] = dict(where)
-        print(f"  operations that wait for the GPU in one embed(): {dict(where)}")
+        timed("embed_later() and its result", lambda: rt.embed_later(crops, texts)())
+        for label, call in (("embed", rt.embed), ("embed_later", rt.embed_later)):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t0 = time.perf_counter()
+                call(crops, texts)
+                returned = time.perf_counter() - t0
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            where = collections.Counter(
+                f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
+            )
+            key = "sync_points" if label == "embed" else f"sync_points_{label}"
+            out[key] = dict(where)
+            out[f"{label}_returns_ms"] = round(1e3 * returned, 1)
+            print(f"  waits for the GPU in one {label}() (returned in {1e3 * returned:.1f} ms):")
+            print(f"    {dict(where)}")
     return out
 
 

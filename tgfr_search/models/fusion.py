@@ -184,13 +184,16 @@ class TGFRRuntime:
         distinct = sorted(set(texts))
         pos = {x: i for i, x in enumerate(distinct)}
         text_parts = self._text_parts(distinct, ready)
+        # From pinned memory without waiting: a plain copy to the device would wait for the
+        # recogniser queued below, and with it this thread.
+        where = t.tensor([pos[x] for x in texts]).pin_memory().to(self.device, non_blocking=True)
+        has_text = t.tensor([bool(x) for x in texts]).pin_memory()
+        has_text = has_text.to(self.device, non_blocking=True)
         needs = self.model.config.needs_regions
         globals_, norms, regions = self.regions.embed_full_tensors(crops, regions=needs)
         with t.inference_mode():
             image = self.model.encode_image(globals_, norms, regions)
-            where = t.tensor([pos[x] for x in texts], device=self.device)
             text = {k: v[where] for k, v in text_parts.items()}
-            has_text = t.tensor([bool(x) for x in texts], device=self.device)
             fused = self.model.fuse(image, text, has_text=has_text)
             out = {"face": globals_, FUSED: fused, ALIGNED: image["global"]}
             if CAPTION in self.dims:
