@@ -17,7 +17,9 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
 * `IN-list duplicates`: the duplicate check as an IN list of bound hashes, as before.
 * `N workers`: N decoding processes.
 * `no save`: the index files not written at the end of the run (what saving them costs).
-* `gc off`: the garbage collector off during the run (whether its collections stall it).
+* `gc off`: the garbage collector off during the run, young collections too.
+* `full collections`: the collector's automatic full passes left on during the run, as before
+  stop 13 (after the fork they stalled every thread).
 * `fp32 index files`: the torch index saved as float32 `IndexFlatIP`, as before stop 13.
 * `blocking indices`: the caption indices copied to the GPU after the recogniser is queued,
   which waits for it, as before stop 13.
@@ -169,6 +171,7 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "IN-list duplicates": [(store.Store, "existing", in_list)],
         "no save": [(engine.SearchEngine, "_save_indexes", lambda self, pool=None: None)],
         "gc off": [(engine.SearchEngine, "enroll_many", gc_off)],
+        "full collections": [(engine, "_young_collections_only", contextlib.nullcontext)],
         "fp32 index files": [(torch_index.TorchIndex, "save", save_fp32)],
         "blocking indices": [(fusion.TGFRRuntime, "_on_device", on_device_blocking)],
     }

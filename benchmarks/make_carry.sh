@@ -2,7 +2,8 @@
 # Builds what a bare GPU device machine needs for the benchmarks and tests/test_gpu.py, in two
 # parts that each fit the device tool's 64 MiB carry beside the working tree:
 #   .carry/a: MiniLM as an fp16 copy (45 MB) and the small wheels;
-#   .carry/b: the face models, the faiss-cpu wheel, the first 2,400 LFW aligned crops.
+#   .carry/b: the face models, the faiss-cpu wheel, the first 2,400 LFW aligned crops and the
+#             raw photos.
 # Carry .carry/a in one call and .carry/b in the next, back to back (the machine keeps carried
 # paths while warm), then `source benchmarks/device_env.sh` there. Run from the repo root with
 # the project's venv (torch, safetensors) and ../shared/datasets/lfw present.
@@ -41,5 +42,6 @@ for f in sorted((src / "aligned112").glob("*/*.jpg"))[:2400]:  # what the benchm
     shutil.copy(f, dst / "aligned112" / f.parent.name / f.name)
 for name in ("attributes.csv.gz", "splits.json", "undetected.json"):
     shutil.copy(src / name, dst / name)
+shutil.copytree(src / "raw", dst / "raw")  # tests/test_gpu.py's detector check
 PY
 du -sh .carry/a .carry/b
