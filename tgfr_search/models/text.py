@@ -60,9 +60,9 @@ class Tokens:
 
     def take(self, clean: Sequence[str]) -> dict[str, np.ndarray] | None:
         """The inputs of these texts, padded to the longest of them (None: one is missing)."""
-        at = [self.rows.get(c) for c in clean]
-        if not at or None in at:
+        if not clean or any(c not in self.rows for c in clean):
             return None
+        at = [self.rows[c] for c in clean]
         batch = {k: v[at] for k, v in self.inputs.items()}
         if "attention_mask" not in batch:
             return batch
