@@ -23,6 +23,8 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
 * `fp32 index files`: the torch index saved as float32 `IndexFlatIP`, as before stop 13.
 * `blocking indices`: the caption indices copied to the GPU after the recogniser is queued,
   which waits for it, as before stop 13.
+* `fork per run`: each run forks its decoding processes and shuts them down, as before stop 15
+  (now a run leaves them to the next).
 
 Variants combine with `+`: `stub models+writer checkpoints` is the pipeline without the models,
 the writer checkpointing as before.
@@ -158,6 +160,14 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
                 )
             return out, norms
 
+    @contextlib.contextmanager
+    def fork_per_run(workers: int, slots: int) -> Any:
+        decoders = engine._Decoders(workers, slots)
+        try:
+            yield decoders
+        finally:
+            decoders.shutdown()
+
     out: dict[str, list[tuple[Any, str, Any]]] = {
         "new": [],
         "no-arena": [(images.Arena, "put", lambda self, slot, image: False)],
@@ -174,6 +184,7 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "full collections": [(engine, "_young_collections_only", contextlib.nullcontext)],
         "fp32 index files": [(torch_index.TorchIndex, "save", save_fp32)],
         "blocking indices": [(fusion.TGFRRuntime, "_on_device", on_device_blocking)],
+        "fork per run": [(engine, "_decoders", fork_per_run)],
     }
     for n in (4, 6, 12, 16):
         out[f"{n} workers"] = [(engine, "_workers", lambda n=n: n)]
@@ -269,7 +280,11 @@ def main() -> None:
         dims = {k: v.shape[1] for k, v in vectors.items()}
     table = variants(dims)
     results: dict[str, Any] = {}
+    from tgfr_search import engine
+
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        # Each variant forks its own decoders: kept ones carry the patches of the one before.
+        engine._drop_spare()
         with patched([p for part in name.split("+") for p in table[part.strip()]]):
             r = et.ours(
                 items,

@@ -212,6 +212,16 @@ def test_aligned_crops_skip_detection(make_engine, lfw: Path) -> None:
     assert engine.query(probe, aligned=True, k=1)[0].identity == people[2].name
 
 
+@pytest.fixture
+def new_decoders():
+    """Decoding processes forked by this test's runs, not left by an earlier test's."""
+    import tgfr_search.engine as engine_module
+
+    engine_module._drop_spare()
+    yield
+    engine_module._drop_spare()
+
+
 def _both_ways(make_engine, monkeypatch: pytest.MonkeyPatch, enroll, **patches):
     """(name, engine, what `enroll(engine)` returned) for a sequential run and one forced
     through the GPU pipeline on this CPU, with `patches` to the engine module for the latter."""
@@ -230,7 +240,7 @@ def _both_ways(make_engine, monkeypatch: pytest.MonkeyPatch, enroll, **patches):
 
 @pytest.mark.stores("faiss")
 def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
-    make_engine, lfw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_engine, lfw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_decoders
 ) -> None:
     """The overlapped stages of a GPU run (forked processes decoding into shared memory, a
     writer thread), forced on the CPU: the same rows, crops, vectors and report as one stage
@@ -296,6 +306,41 @@ def test_the_gpu_pipeline_stores_what_the_sequential_one_does(
 
 
 @pytest.mark.stores("faiss")
+def test_a_gpu_run_leaves_its_decoding_processes_to_the_next_run(
+    make_engine, lfw: Path, monkeypatch: pytest.MonkeyPatch, new_decoders
+) -> None:
+    """The next run, in another engine of the process, decodes in the processes the first one
+    forked (its arena's pages given back in between) and stores the same faces; a run that
+    fails shuts them down."""
+    import tgfr_search.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_overlaps", lambda models: True)
+    files = sorted((lfw / "aligned112").rglob("*.jpg"))[:12]
+    items = [EnrollItem(f, f.parent.name, caption=f"photo {i}") for i, f in enumerate(files)]
+    stored = {}
+    for name in ("first", "second"):
+        engine = make_engine(name)
+        ids = sorted(engine.enroll_many(items, aligned=True, batch_size=4).face_ids)
+        stored[name] = (
+            engine.store.crops_of(ids),
+            engine.store.vectors_of("fused", ids, dim=engine._index("fused").dim),
+        )
+        if name == "first":
+            kept = engine_module._spare
+            assert kept is not None and kept.pool is not None
+    assert engine_module._spare is kept
+    (crops, fused), (crops2, fused2) = stored["first"], stored["second"]
+    assert len(crops) == len(files) and crops == crops2 and np.array_equal(fused, fused2)
+
+    def interrupt(done: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_engine("third").enroll_many(items, aligned=True, batch_size=4, progress=interrupt)
+    assert engine_module._spare is None and kept.pool._processes is None
+
+
+@pytest.mark.stores("faiss")
 def test_the_gpu_pipeline_enrolls_raw_photos_as_the_sequential_one_does(
     make_engine, ten, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,7 +368,7 @@ def test_the_gpu_pipeline_enrolls_raw_photos_as_the_sequential_one_does(
 
 @pytest.mark.stores("faiss")
 def test_a_decoding_process_that_dies_stops_the_run_and_keeps_earlier_batches(
-    make_engine, lfw: Path, monkeypatch: pytest.MonkeyPatch
+    make_engine, lfw: Path, monkeypatch: pytest.MonkeyPatch, new_decoders
 ) -> None:
     """A decoder that crashes on a hostile file (here: exits) takes its worker process down,
     not the engine: one clear error, and the batches before it stay stored."""

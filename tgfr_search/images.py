@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -99,6 +100,11 @@ class Arena:
         view = np.frombuffer(self.buffer, np.uint8, image.nbytes, slot * self.slot_bytes)
         view[:] = image.reshape(-1)
         return True
+
+    def release(self) -> None:
+        """Give the pages back (they read as zeros after); the workers keep their mapping."""
+        with contextlib.suppress(AttributeError, OSError):  # no MADV_REMOVE: they stay
+            self.buffer.madvise(mmap.MADV_REMOVE)
 
     def images(self, first: int, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
         """Views (no copies) of the uint8 images of `shapes` in the slots from `first` on,
