@@ -25,8 +25,6 @@ Each variant patches the engine for its runs, then `enroll_throughput.ours` enro
   which waits for it, as before stop 13.
 * `fork per run`: each run forks its decoding processes and shuts them down, as before stop 15
   (now a run leaves them to the next).
-* `no warm-up`: no blank full batch through the models before a process's first run at a
-  batch size, as before stop 16 (only a first variant's first run shows what it changes).
 
 Variants combine with `+`: `stub models+writer checkpoints` is the pipeline without the models,
 the writer checkpointing as before.
@@ -187,7 +185,6 @@ def variants(dims: dict[str, int]) -> dict[str, list[tuple[Any, str, Any]]]:
         "fp32 index files": [(torch_index.TorchIndex, "save", save_fp32)],
         "blocking indices": [(fusion.TGFRRuntime, "_on_device", on_device_blocking)],
         "fork per run": [(engine, "_decoders", fork_per_run)],
-        "no warm-up": [(engine.SearchEngine, "_warm_up", lambda self, batch_size: None)],
     }
     for n in (4, 6, 12, 16):
         out[f"{n} workers"] = [(engine, "_workers", lambda n=n: n)]

@@ -340,38 +340,6 @@ def test_a_gpu_run_leaves_its_decoding_processes_to_the_next_run(
     assert engine_module._spare is None and kept.pool._processes is None
 
 
-def test_a_gpu_run_warms_the_models_up_once_per_batch_size(
-    make_engine, lfw: Path, monkeypatch: pytest.MonkeyPatch, new_decoders
-) -> None:
-    """The first run at a batch size sends one blank full batch through the models first; a
-    later run at that size, in another engine of the process, does not, and nothing of the
-    blank batch is stored."""
-    import weakref
-
-    import tgfr_search.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "_overlaps", lambda models: True)
-    monkeypatch.setattr(engine_module, "_warmed", weakref.WeakKeyDictionary())
-    blank = []
-    embed_later = engine_module.SearchEngine._embed_later
-
-    def spy(self, crops, captions, ready=None):
-        blank.append(all(not c.any() for c in crops))
-        return embed_later(self, crops, captions, ready)
-
-    monkeypatch.setattr(engine_module.SearchEngine, "_embed_later", spy)
-    files = sorted((lfw / "aligned112").rglob("*.jpg"))[:10]
-    items = [EnrollItem(f, f.parent.name, caption=f"photo {i}") for i, f in enumerate(files)]
-    runs = []
-    for name in ("first", "second"):
-        blank.clear()
-        engine = make_engine(name)
-        report = engine.enroll_many(items, aligned=True, batch_size=4)
-        runs.append((blank.count(True), report.enrolled, engine.store.counts()[0]))
-    assert runs == [(1, 10, 10), (0, 10, 10)]
-    assert engine_module._warmed[engine.tgfr] == {4}
-
-
 @pytest.mark.stores("faiss")
 def test_the_gpu_pipeline_enrolls_raw_photos_as_the_sequential_one_does(
     make_engine, ten, monkeypatch: pytest.MonkeyPatch

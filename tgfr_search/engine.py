@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -327,9 +326,6 @@ def _check_aligned(image: np.ndarray, src: str) -> np.ndarray:
 # An aligned file up to this size is stored as it came (a 112x112 PNG is ~25 KB); a larger
 # one (metadata, odd formats) is stored as a PNG of its pixels.
 _KEEP_FILE_BYTES = 64 * 1024
-
-# The batch sizes each loaded model set has been warmed up for (`SearchEngine._warm_up`).
-_warmed: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
 
 
 def _png(crop: np.ndarray) -> bytes:
@@ -853,8 +849,6 @@ class SearchEngine:
                 processes, arena = decoders.pool, decoders.arena
             for space in self._spaces():  # read the saved indexes before this run adds faces
                 self._index(space).sync()
-            if on_gpu and second:
-                self._warm_up(batch_size)
             # On a GPU the next batch's captions are tokenised in the pool meanwhile.
             tokenize = getattr(self.tgfr, "tokenize", None) if on_gpu else None
             pending: list[_Task] = []
@@ -887,22 +881,6 @@ class SearchEngine:
             _wait_for(writing, progress)
             self._save_indexes(threads if on_gpu else None)
         return report
-
-    def _warm_up(self, batch_size: int) -> None:
-        """One blank batch of this size through the GPU models, once per process and size.
-
-        It grows the GPU's memory pool and the pinned host pool to a full batch, and loads the
-        kernels of a full batch, before the pipeline starts instead of under its first batches.
-        """
-        loaded = self.tgfr or self.models
-        sizes = _warmed.setdefault(loaded, set())
-        if batch_size in sizes:
-            return
-        width, height = self.models.face.input_size
-        crops = [np.zeros((height, width, 3), np.uint8)] * batch_size
-        long = " ".join(["grey"] * 100)  # distinct captions at the text model's longest
-        self._embed_later(crops, [f"{i} {long}" for i in range(batch_size)])()
-        sizes.add(batch_size)
 
     def _embed(
         self, crops: list[np.ndarray], captions: list[str | None]
