@@ -153,8 +153,8 @@ class ArcFaceONNX:
         parts: list[list[torch.Tensor]] = [[] for _ in outputs]
         for start in range(0, len(crops), self.batch_size):
             chunk = list(crops[start : start + self.batch_size])
-            # The first batch of each new size costs ~0.6 s on the GPU (kernel and convolution
-            # plan set-up): chunks are padded up to a power of two, so a process meets few.
+            # The first batch of each new size cost ~0.6 s on an H100 (benchmarks/first_call.py):
+            # chunks are padded up to a power of two, so a process meets few sizes.
             n = len(chunk)
             size = min(self.batch_size, 1 << (n - 1).bit_length())
             with self._feeder.lock:  # the pinned staging buffers are shared
